@@ -1,0 +1,1 @@
+"""Target hardware registry, GPU detection, telemetry, memory planner and benchmarks."""

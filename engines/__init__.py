@@ -1,0 +1,1 @@
+"""Quantization recipes, TensorRT build plans and builder, ONNX lint for TensorRT."""

@@ -1,0 +1,1 @@
+"""Workstation side: PyTorch definitions of every part, checkpoint loaders, ONNX export, parity."""

@@ -1,0 +1,152 @@
+"""The model bundle: a folder with one ONNX file per component and `bundle.json` describing it.
+
+Read on the device without torch. `load_bundle` checks the format version and, unless told not to,
+the sha256 of every file, so a tampered or half-copied bundle is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import ModelConfig
+from .errors import BundleError
+from .fileio import atomic_write_text, sha256_file
+from .tokens import TokenLayout
+
+FORMAT_VERSION = 1
+MANIFEST = "bundle.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, int64
+    shape: tuple[int | str, ...]  # str = a named dynamic axis
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    # Named dynamic axes -> [min, opt, max], the ranges TensorRT optimization profiles are built from.
+    shape_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Bundle:
+    root: Path
+    format_version: int
+    qinyu_edge_version: str
+    config: ModelConfig
+    layout: TokenLayout
+    components: dict[str, ComponentSpec]
+    files: dict[str, FileEntry]
+    origin: dict[str, Any]
+    opset: int
+    parity: dict[str, Any] = field(default_factory=dict)
+
+    def path(self, component: str) -> Path:
+        try:
+            return self.root / self.components[component].file
+        except KeyError:
+            raise BundleError(
+                f"bundle {self.root} has no component {component!r} (it has {', '.join(self.components)}). "
+                "Re-export it with this version of qinyu-edge."
+            ) from None
+
+    def to_json(self) -> str:
+        d = {
+            "format_version": self.format_version,
+            "qinyu_edge_version": self.qinyu_edge_version,
+            "config": self.config.to_dict(),
+            "token_layout": self.layout.to_dict(),
+            "components": {k: asdict(v) for k, v in self.components.items()},
+            "files": {k: asdict(v) for k, v in self.files.items()},
+            "origin": self.origin,
+            "opset": self.opset,
+            "parity": self.parity,
+        }
+        return json.dumps(d, indent=2, ensure_ascii=False)
+
+
+def _component(d: dict[str, Any]) -> ComponentSpec:
+    def specs(items: list[dict[str, Any]]) -> tuple[TensorSpec, ...]:
+        return tuple(TensorSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in items)
+
+    return ComponentSpec(
+        name=d["name"], file=d["file"], inputs=specs(d["inputs"]), outputs=specs(d["outputs"]),
+        shape_ranges={k: tuple(v) for k, v in d.get("shape_ranges", {}).items()},
+        description=d.get("description", ""),
+    )
+
+
+def file_entries(root: Path, names: list[str]) -> dict[str, FileEntry]:
+    return {n: FileEntry(sha256_file(root / n), (root / n).stat().st_size) for n in sorted(names)}
+
+
+def write_manifest(bundle: Bundle) -> Path:
+    return atomic_write_text(bundle.root / MANIFEST, bundle.to_json())
+
+
+def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise BundleError(
+            f"{root} is not a model bundle (no {MANIFEST}). Make one with "
+            "`qinyu-edge export --preset tiny-4b --out DIR` or from checkpoint folders."
+        )
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path} is not valid JSON ({e}); the bundle is damaged. Export it again.") from e
+    version = d.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise BundleError(
+            f"{root} has bundle format {version!r}, newer than this qinyu-edge reads ({FORMAT_VERSION}). "
+            "Upgrade qinyu-edge, or export the bundle with the version installed here."
+        )
+    try:
+        bundle = Bundle(
+            root=root, format_version=version, qinyu_edge_version=d["qinyu_edge_version"],
+            config=ModelConfig.from_dict(d["config"]), layout=TokenLayout.from_dict(d["token_layout"]),
+            components={k: _component(v) for k, v in d["components"].items()},
+            files={k: FileEntry(**v) for k, v in d["files"].items()},
+            origin=d.get("origin", {}), opset=d["opset"], parity=d.get("parity", {}),
+        )
+    except (KeyError, TypeError) as e:
+        raise BundleError(f"{path} lacks or mangles the field {e}; export the bundle again.") from e
+    if verify:
+        verify_files(bundle)
+    return bundle
+
+
+def verify_files(bundle: Bundle) -> None:
+    """Every listed file exists with its recorded size and sha256."""
+    problems = []
+    for name, entry in bundle.files.items():
+        p = bundle.root / name
+        if not p.is_file():
+            problems.append(f"{name}: missing")
+        elif p.stat().st_size != entry.bytes:
+            problems.append(f"{name}: {p.stat().st_size} bytes, manifest says {entry.bytes}")
+        elif sha256_file(p) != entry.sha256:
+            problems.append(f"{name}: sha256 differs from the manifest")
+    if problems:
+        raise BundleError(
+            f"bundle {bundle.root} does not match its {MANIFEST}:\n  " + "\n  ".join(problems)
+            + "\n  The bundle was changed or copied incompletely: copy it again or re-export it."
+        )

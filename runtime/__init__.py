@@ -1,0 +1,1 @@
+"""Device side, torch-free: sessions, frontend, generation, streaming decode, the voice loop."""
