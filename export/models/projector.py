@@ -11,6 +11,8 @@ from torch import nn
 
 from qinyu_edge.config import ProjectorConfig
 
+from .layers import RMSNorm
+
 
 class Projector(nn.Module):
     def __init__(self, cfg: ProjectorConfig):
@@ -18,7 +20,8 @@ class Projector(nn.Module):
         if cfg.norm == "layer_norm":
             self.pre_proj_layernorm = nn.LayerNorm(cfg.input_size, eps=cfg.eps)
         else:
-            self.pre_proj_layernorm = nn.RMSNorm(cfg.input_size, eps=cfg.eps)
+            # Same math as the official nn.RMSNorm; ours traces to plain ops at opset 17.
+            self.pre_proj_layernorm = RMSNorm(cfg.input_size, eps=cfg.eps)
         self.mlp = nn.Sequential(
             nn.Linear(cfg.input_size, cfg.hidden_size, bias=False),
             nn.GELU(),
