@@ -91,12 +91,14 @@ def compare(ours: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray])
     return errors
 
 
-def run_onnx(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], threads: int = 2) -> dict[str, np.ndarray]:
+def run_onnx(path: str | os.PathLike, feeds: Mapping[str, np.ndarray], threads: int = 2,
+             disabled_optimizers: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Run a file in ONNX Runtime on the CPU; outputs by name."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers))
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, dict(feeds))))

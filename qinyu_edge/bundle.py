@@ -37,6 +37,8 @@ class ComponentSpec:
     # Named dynamic axes -> [min, opt, max], the ranges TensorRT optimization profiles are built from.
     shape_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     description: str = ""
+    # ONNX Runtime graph optimizers that must stay off for this graph (a known ORT bug workaround).
+    ort_disabled_optimizers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ def _component(d: dict[str, Any]) -> ComponentSpec:
         name=d["name"], file=d["file"], inputs=specs(d["inputs"]), outputs=specs(d["outputs"]),
         shape_ranges={k: tuple(v) for k, v in d.get("shape_ranges", {}).items()},
         description=d.get("description", ""),
+        ort_disabled_optimizers=tuple(d.get("ort_disabled_optimizers", ())),
     )
 
 
