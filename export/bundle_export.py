@@ -308,3 +308,18 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
         return bundle
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def preset_bundle(preset_name: str, seed: int = 0, console: Console | None = None) -> Path:
+    """The bundle of a tiny preset under the cache folder, exported once (safe across processes)."""
+    import fcntl
+
+    from .qinyu_checkpoint import cache_dir, load_preset
+
+    out = cache_dir() / "bundles" / f"{preset_name}-seed{seed}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "bundle.json").is_file():
+            export_bundle(load_preset(preset_name, seed), out, force=True, console=console)
+    return out

@@ -78,3 +78,49 @@ def reference_generate(model: QinYuModel, prompt_embeds: torch.Tensor, max_new_t
         hidden = out[0]
         past = tuple(torch.cat([p, n], dim=0) for p, n in zip(past, out[1:]))
     return ReferenceResult(tokens, text_tokens, frames, stop)
+
+
+@dataclass
+class ReferenceTurn:
+    wav_16k: np.ndarray | None = None
+    text: str = ""
+    user_speaker: bool = True
+
+
+def reference_conversation(model: QinYuModel, turns: list[ReferenceTurn], mode: str = "conversation",
+                           voice: np.ndarray | None = None, role_description: str | None = None,
+                           max_new_tokens: int = 1024, max_context: int = 4096) -> list[ReferenceResult]:
+    """Several turns on the PyTorch modules: the same prompts (built by the runtime's prompt
+    builder from this loop's own replies), embeddings and decisions computed in torch."""
+    from qinyu_edge.runtime.frontend import FrontendConfig, SenseVoiceFrontend
+    from qinyu_edge.runtime.prompt import Mode, PromptBuilder, Turn, reply_text
+
+    from .speaker_checkpoint import campplus_embedding
+
+    mode = Mode(mode)
+    frontend = SenseVoiceFrontend(FrontendConfig.from_sensevoice(model.config.sensevoice), model.cmvn_shift,
+                                  model.cmvn_scale)
+    builder = PromptBuilder(model.tokenizer, model.layout, max_context)
+    agent = voice if voice is not None else model.speakers.get(model.config.default_speaker)
+    history: list = []
+    clips: list[tuple[np.ndarray, np.ndarray | None]] = []  # (features, speaker vector)
+    results = []
+    for turn in turns:
+        if turn.wav_16k is not None:
+            speaker = None
+            if turn.user_speaker and mode in (Mode.CONVERSATION, Mode.ROLEPLAY):
+                speaker = campplus_embedding(model.campplus, turn.wav_16k)
+            clips.append((frontend(turn.wav_16k), speaker))
+            user = Turn.speech(turn.text, user_speaker=speaker is not None)
+        else:
+            user = Turn.question(turn.text)
+        rows = [f.shape[0] + (4 if model.config.keep_query_rows else 0) for f, _ in clips]
+        prompt = builder.build(mode, history, user, rows, role_description=role_description,
+                               reply_reserve=max_new_tokens)
+        speakers = [agent if who is None else clips[who][1] for who in prompt.speaker_clips]
+        emb = prompt_embeddings(model, prompt.ids, prompt.audio_slots, [clips[i][0] for i in prompt.clip_indices],
+                                prompt.speaker_slots, speakers)
+        result = reference_generate(model, emb, max_new_tokens)
+        results.append(result)
+        history += [user, Turn.reply(reply_text(model.tokenizer, result.text_tokens))]
+    return results

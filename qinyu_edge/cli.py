@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from .errors import QinyuError
 
 log = logging.getLogger("qinyu_edge")
-
-
-def default_bundle_dir(preset_name: str) -> Path:
-    root = Path(os.environ.get("QINYU_EDGE_CACHE", Path.home() / ".cache" / "qinyu-edge"))
-    return root / "bundles" / preset_name
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -47,14 +41,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .bundle import load_bundle
 
+    from .export.bundle_export import preset_bundle
+
     console = Console()
-    out = default_bundle_dir(args.preset)
-    if not (out / "bundle.json").is_file():
-        console.print(f"exporting the embedded default [bold]{args.preset}[/bold] to {out} (once)")
-        ns = argparse.Namespace(preset=args.preset, seed=0, out=out, force=True, max_context=None,
-                                checkpoint=None, sensevoice=None, xy=None)
-        cmd_export(ns)
-    bundle = load_bundle(out)
+    console.print(f"the embedded default: [bold]{args.preset}[/bold] (exported once into the cache folder)")
+    bundle = load_bundle(preset_bundle(args.preset, console=Console(stderr=True)))
     table = Table(title=f"bundle {bundle.root} ({bundle.config.name}; tiny preset, random weights)")
     for col in ("component", "inputs", "outputs", "bytes"):
         table.add_column(col)
@@ -88,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the embedded default: export the tiny preset if needed and show the bundle")
     d.add_argument("--preset", choices=["tiny-4b", "tiny-8b"], default="tiny-4b")
     d.set_defaults(func=cmd_demo)
+
+    from .device.cli import add_parsers as add_device_parsers
+
+    add_device_parsers(sub)
     return p
 
 

@@ -1,0 +1,195 @@
+"""A conversation on one engine: user turns in (speech or text), text and streamed speech out.
+
+Keeps what the next prompt needs: the turns (assistant replies as text only, as upstream), each
+clip's projected encoder output (exact to cache: the encoder sees only its own clip) and its CAM++
+vector. Every turn re-prefills the whole prompt, as the official code does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .engine import Engine
+from .generate import GenerationResult
+from .delay import DelayUndo
+from .prompt import Mode, Prompt, PromptBuilder, Turn, reply_text
+from .sampling import SamplingConfig
+from .streaming import ChunkSchedule, StreamingDecoder
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE_OUT = 32000
+
+
+@dataclass
+class Clip:
+    embeds: np.ndarray  # [rows, H] projected encoder output
+    speaker: np.ndarray | None  # CAM++ vector, when the turn carries <|user_speaker|>
+    seconds: float
+
+
+@dataclass
+class Timings:
+    """Milliseconds from the start of `ask` (the end of user speech, for a live turn)."""
+
+    frontend_ms: float = 0.0
+    encoder_ms: float = 0.0
+    speaker_ms: float = 0.0
+    prompt_ms: float = 0.0
+    prefill_ms: float = 0.0
+    steps: int = 0
+    ms_per_step: float = 0.0
+    host_ms_per_step: float = 0.0  # step time outside the sessions
+    steps_to_first_audio: int | None = None  # decode steps until the first audio chunk was ready
+    first_audio_ms: float | None = None  # time to first audio, from the start of the turn
+    total_ms: float = 0.0
+    audio_seconds: float = 0.0
+    # Real-time factor: wall time of the turn over the seconds of speech it produced (< 1 is
+    # faster than real time).
+    rtf: float | None = None
+
+
+@dataclass
+class Reply:
+    text: str
+    tokens: list[int]
+    text_tokens: list[int]
+    frames: np.ndarray  # [F, 8] codes, de-delayed
+    audio: np.ndarray  # 32 kHz float32, all chunks joined
+    chunks: list[np.ndarray]
+    stop: str
+    prompt: Prompt
+    user: Turn
+    clips: list[Clip]  # the conversation's clips including this turn's, for commit_turn
+    timings: Timings = field(default_factory=Timings)
+
+
+ChunkCallback = Callable[[np.ndarray], None]
+TextCallback = Callable[[str], None]
+
+
+class Conversation:
+    def __init__(self, engine: Engine, mode: Mode | str = Mode.CONVERSATION, voice: str | np.ndarray | None = None,
+                 role_description: str | None = None, num_history: int | None = None,
+                 reply_reserve: int | None = None, max_new_tokens: int | None = None,
+                 sampling: SamplingConfig | None = None, schedule: ChunkSchedule | None = None):
+        self.engine = engine
+        self.mode = Mode(mode)
+        cfg = engine.config
+        self.max_new_tokens = max_new_tokens or cfg.max_new_tokens
+        self.reply_reserve = self.max_new_tokens if reply_reserve is None else reply_reserve
+        self.builder = PromptBuilder(engine.tokenizer, engine.layout, engine.cache.capacity)
+        self.role_description = role_description
+        self.num_history = num_history
+        self.sampling = sampling
+        self.schedule = schedule or ChunkSchedule.official()
+        uses_voice = self.mode in (Mode.CONVERSATION, Mode.ROLEPLAY)
+        self.agent = engine.voice(voice if voice is not None else cfg.default_speaker) if uses_voice else None
+        self.history: list[Turn] = []
+        self.clips: list[Clip] = []
+
+    def reset(self) -> None:
+        self.history.clear()
+        self.clips.clear()
+
+    def _speakers(self, prompt: Prompt, clips: list[Clip]) -> list[np.ndarray]:
+        out = []
+        for who in prompt.speaker_clips:
+            vec = self.agent if who is None else clips[who].speaker
+            if vec is None:
+                raise ValueError("a speaker position has no vector (agent voice or the clip's CAM++ vector)")
+            out.append(vec)
+        return out
+
+    def ask(self, wav_16k: np.ndarray | None = None, text: str = "", user_speaker: bool = True,
+            on_text: TextCallback | None = None, on_chunk: ChunkCallback | None = None,
+            cancel: threading.Event | None = None, commit: bool = True) -> Reply:
+        """One user turn -> the reply. With `commit` the turn and the reply text join the history;
+        a barge-in caller passes commit=False and calls `commit_turn` with what was actually played."""
+        eng = self.engine
+        t0 = time.perf_counter()
+        ms = lambda: (time.perf_counter() - t0) * 1e3  # noqa: E731
+        timings = Timings()
+        clips = list(self.clips)
+        if wav_16k is not None:
+            feats = eng.features(wav_16k)
+            timings.frontend_ms = ms()
+            embeds = eng.encode_audio(feats)
+            timings.encoder_ms = ms() - timings.frontend_ms
+            speaker = None
+            if user_speaker and self.mode in (Mode.CONVERSATION, Mode.ROLEPLAY):
+                t1 = ms()
+                speaker = eng.speaker_vector(wav_16k)
+                timings.speaker_ms = ms() - t1
+            clips.append(Clip(embeds, speaker, len(wav_16k) / 16000))
+            user = Turn.speech(text, user_speaker=speaker is not None)
+        else:
+            user = Turn.question(text)
+        t1 = ms()
+        prompt = self.builder.build(self.mode, self.history, user, [c.embeds.shape[0] for c in clips],
+                                    role_description=self.role_description, reply_reserve=self.reply_reserve,
+                                    num_history=self.num_history)
+        emb = eng.prompt_embeds(prompt.ids, prompt.audio_slots, [clips[i].embeds for i in prompt.clip_indices],
+                                prompt.speaker_slots, self._speakers(prompt, clips))
+        timings.prompt_ms = ms() - t1
+
+        delay = DelayUndo()
+        streamer = StreamingDecoder(eng.sessions["xy_decoder"], self.schedule)
+        frames: list[np.ndarray] = []
+        chunks: list[np.ndarray] = []
+        step = [0]
+
+        def emit(new: list[np.ndarray]) -> None:
+            for chunk in new:
+                if timings.first_audio_ms is None:
+                    timings.first_audio_ms = ms()
+                    timings.steps_to_first_audio = step[0]
+                chunks.append(chunk)
+                if on_chunk is not None:
+                    on_chunk(chunk)
+
+        def on_audio(row: np.ndarray) -> None:
+            step[0] += 1
+            frame = delay.push(row)
+            if frame is not None:
+                frames.append(frame)
+                emit(streamer.push(frame))
+
+        def on_token(token: int) -> None:
+            step[0] += 1
+            if on_text is not None:
+                on_text(eng.tokenizer.decode([token], skip_special_tokens=True))
+
+        result: GenerationResult = eng.generator.generate(
+            emb, self.max_new_tokens, on_text=on_token, on_audio=on_audio, cancel=cancel, sampling=self.sampling)
+        if result.stop != "cancelled":
+            emit(streamer.flush())
+        reply_str = reply_text(eng.tokenizer, result.text_tokens)
+        audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        times = result.times
+        timings.prefill_ms = times.prefill_ms
+        timings.steps = result.steps
+        if times.step_ms:
+            timings.ms_per_step = float(np.mean(times.step_ms))
+            timings.host_ms_per_step = float(np.mean(np.subtract(times.step_ms, times.session_ms)))
+        timings.total_ms = ms()
+        timings.audio_seconds = len(audio) / SAMPLE_RATE_OUT
+        if timings.audio_seconds > 0:
+            timings.rtf = timings.total_ms / 1e3 / timings.audio_seconds
+        reply = Reply(reply_str, result.tokens, result.text_tokens,
+                      np.stack(frames) if frames else np.zeros((0, eng.layout.n_codebooks), np.int64),
+                      audio, chunks, result.stop, prompt, user, clips, timings)
+        if commit:
+            self.commit_turn(reply)
+        return reply
+
+    def commit_turn(self, reply: Reply, spoken_text: str | None = None) -> None:
+        """Add the user turn and the reply (or only the part that was played) to the history."""
+        self.clips = reply.clips
+        self.history += [reply.user, Turn.reply(reply.text if spoken_text is None else spoken_text)]

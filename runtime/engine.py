@@ -1,0 +1,116 @@
+"""A loaded bundle: its sessions, the audio frontend, the agent voices and the generator.
+
+Everything the device needs to turn audio into prompt embeddings and run generation, with no torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer
+
+from qinyu_edge.bundle import Bundle, load_bundle
+from qinyu_edge.config import SPEAKER_DIM
+from qinyu_edge.errors import BundleError, CheckpointError
+
+from .frontend import FrontendConfig, SenseVoiceFrontend, campplus_chunks, campplus_fbank
+from .generate import Generator
+from .kv_cache import KVCache
+from .session import Session, open_session
+
+log = logging.getLogger(__name__)
+
+HOST_FILE = "host.safetensors"
+SPEAKERS_FILE = "speakers.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    backend: str = "ort"
+    provider: str = "cpu"
+    threads: int | None = None
+    context: int | None = None  # KV cache capacity; default: the bundle's largest past
+
+
+class Engine:
+    def __init__(self, bundle_dir: str | os.PathLike, options: EngineOptions = EngineOptions(), verify: bool = True):
+        self.bundle: Bundle = load_bundle(bundle_dir, verify=verify)
+        self.options = options
+        root = self.bundle.root
+        self.config = self.bundle.config
+        self.layout = self.bundle.layout
+        self.tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
+        self.sessions: dict[str, Session] = {
+            name: open_session(self.bundle.path(name), options.backend, options.provider, options.threads,
+                               spec.ort_disabled_optimizers)
+            for name, spec in self.bundle.components.items()
+        }
+        host = load_file(str(root / HOST_FILE))
+        self.frontend = SenseVoiceFrontend(FrontendConfig.from_sensevoice(self.config.sensevoice),
+                                           host["cmvn_shift"], host["cmvn_scale"])
+        self.voices: dict[str, np.ndarray] = (
+            load_file(str(root / SPEAKERS_FILE)) if (root / SPEAKERS_FILE).is_file() else {}
+        )
+        spec = self.bundle.components["backbone"]
+        capacity = options.context or spec.shape_ranges["past"][2]
+        self.cache = KVCache.for_backbone(spec, capacity)
+        self.generator = Generator(
+            self.sessions["embedding"], self.sessions["backbone"], self.sessions["heads_greedy"],
+            self.sessions.get("heads_logits"), self.layout, self.config.backbone.hidden_size, self.cache,
+            penalty=self.config.repetition_penalty,
+        )
+
+    @property
+    def root(self) -> Path:
+        return self.bundle.root
+
+    def features(self, wav_16k: np.ndarray) -> np.ndarray:
+        return self.frontend(wav_16k)
+
+    def encode_audio(self, features: np.ndarray) -> np.ndarray:
+        """LFR+CMVN features [T, 560] -> projected audio embeddings [rows, H] (rows = T+4 on the 8B)."""
+        enc = self.sessions["encoder"].run({"features": features[None].astype(np.float32)})["encoder_out"]
+        return self.sessions["audio_projector"].run({"encoder_out": enc})["audio_embeds"][0]
+
+    def audio_rows(self, features: np.ndarray) -> int:
+        return features.shape[0] + (4 if self.config.keep_query_rows else 0)
+
+    def speaker_vector(self, wav_16k: np.ndarray) -> np.ndarray:
+        """CAM++ 192-d vector of a clip: mean over its 10 s chunks (circularly filled), as upstream."""
+        cfg = self.config.campplus
+        chunks = campplus_chunks(wav_16k, cfg.chunk_seconds, cfg.max_seconds)
+        feats = np.stack([campplus_fbank(c, cfg.feat_dim) for c in chunks]).astype(np.float32)
+        return self.sessions["campplus"].run({"fbank": feats})["embedding"].mean(axis=0)
+
+    def voice(self, name_or_vector: str | np.ndarray) -> np.ndarray:
+        if isinstance(name_or_vector, str):
+            if name_or_vector not in self.voices:
+                raise BundleError(
+                    f"no agent voice named {name_or_vector!r} in {self.root / SPEAKERS_FILE}; "
+                    f"known: {', '.join(sorted(self.voices)) or 'none'}. Pass a 192-d vector file instead."
+                )
+            return self.voices[name_or_vector]
+        vec = np.asarray(name_or_vector, np.float32).reshape(-1)
+        if vec.shape != (SPEAKER_DIM,) or not np.isfinite(vec).all():
+            raise CheckpointError(f"a speaker vector must be {SPEAKER_DIM} finite floats, got shape {vec.shape}")
+        return vec
+
+    def prompt_embeds(self, ids: np.ndarray, audio_slots: list[tuple[int, int]], audio_embeds: list[np.ndarray],
+                      speaker_slots: list[int], speakers: list[np.ndarray]) -> np.ndarray:
+        """Embed the prompt ids and overwrite audio placeholders and speaker positions in sequence order."""
+        emb = self.generator.embed(np.asarray(ids, np.int64).reshape(1, -1, 1)).copy()
+        for (start, rows), clip in zip(audio_slots, audio_embeds):
+            if clip.shape[0] != rows:
+                raise ValueError(f"a clip gives {clip.shape[0]} audio rows but the prompt has {rows} placeholders")
+            emb[0, start : start + rows] = clip
+        if speakers:
+            proj = self.sessions["speaker_projector"].run({"speaker": np.stack(speakers).astype(np.float32)})
+            for pos, vec in zip(speaker_slots, proj["speaker_embeds"]):
+                emb[0, pos] = vec
+        return emb

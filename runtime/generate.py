@@ -1,0 +1,151 @@
+"""The hybrid text/audio decoding loop over a bundle's sessions, with no torch.
+
+Per step: the heads choose text or audio (one id, or 8 codebook ids); the next input embedding is
+that text row or the mean of the 8 codebook rows; the backbone runs one position with the cache
+past bound as a view and the new position bound to its slot. The model picks the modality itself.
+Stops at `<|im_end|>`, at the step cap, or when cancelled (checked between any two steps).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from qinyu_edge.tokens import TokenLayout
+
+from .kv_cache import KVCache
+from .sampling import SamplingConfig, sample_step
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+PENALTY_WINDOW = 5  # the official penalty looks at codebook-0 ids of the last 5 audio frames
+
+
+@dataclass
+class StepTimes:
+    prefill_ms: float = 0.0
+    step_ms: list[float] = field(default_factory=list)
+    # Time spent inside sessions per step; the rest of a step is host overhead.
+    session_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # the head-0 choice of every step (text, special or codebook-0 id)
+    text_tokens: list[int]
+    audio_rows: list[np.ndarray]  # per audio step: 8 within-book ids (still delayed)
+    stop: str  # "im_end", "max_new_tokens", "cancelled", "context_full"
+    times: StepTimes
+    prompt_length: int
+
+    @property
+    def steps(self) -> int:
+        return len(self.tokens)
+
+
+TextCallback = Callable[[int], None]
+AudioCallback = Callable[[np.ndarray], None]
+
+
+class Generator:
+    """Owns the KV cache and the per-step buffers; one reply at a time (batch 1)."""
+
+    def __init__(self, embedding: Session, backbone: Session, heads_greedy: Session, heads_logits: Session | None,
+                 layout: TokenLayout, hidden_size: int, cache: KVCache, penalty: float = 1.1):
+        self.embedding, self.backbone, self.greedy, self.logits = embedding, backbone, heads_greedy, heads_logits
+        self.layout = layout
+        self.cache = cache
+        self.penalty = penalty
+        self.hidden = np.zeros((1, hidden_size), np.float32)
+        self._ids = np.zeros((1, 1, layout.n_codebooks), np.int64)
+        self._text_id = np.zeros((1, 1, 1), np.int64)
+        self._embeds = np.zeros((1, 1, hidden_size), np.float32)
+        self._history = np.full((1, PENALTY_WINDOW), -1, np.int64)
+        self._book_starts = np.array([layout.book_start(k) for k in range(layout.n_codebooks)], np.int64)
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """ids [1, S, K] -> [1, S, H]."""
+        return self.embedding.run({"ids": ids})["inputs_embeds"]
+
+    def _forward(self, embeds: np.ndarray) -> None:
+        n = embeds.shape[1]
+        into = {**self.cache.slot(n), "hidden": self.hidden}
+        self.backbone.run({"inputs_embeds": embeds, **self.cache.past()}, into=into)
+        self.cache.advance(n)
+
+    def prefill(self, embeds: np.ndarray) -> float:
+        """Run the whole prompt from an empty cache; returns milliseconds."""
+        t0 = time.perf_counter()
+        self.cache.reset()
+        self._forward(np.ascontiguousarray(embeds, np.float32))
+        return (time.perf_counter() - t0) * 1e3
+
+    def _choose(self, history: deque, sampling: SamplingConfig | None, rng: np.random.Generator | None) -> np.ndarray:
+        if sampling is None:
+            self._history.fill(-1)
+            if history:
+                self._history[0, : len(history)] = list(history)
+            return self.greedy.run({"hidden": self.hidden, "history": self._history})["ids"][0]
+        if self.logits is None:
+            raise ValueError("sampling needs the heads_logits session")
+        logits = self.logits.run({"hidden": self.hidden})["logits"][0]
+        return sample_step(logits, list(history), self.layout, self.penalty, sampling, rng)
+
+    def generate(self, prompt_embeds: np.ndarray, max_new_tokens: int = 1024,
+                 on_text: TextCallback | None = None, on_audio: AudioCallback | None = None,
+                 cancel: threading.Event | None = None, sampling: SamplingConfig | None = None) -> GenerationResult:
+        lay = self.layout
+        times = StepTimes(prefill_ms=self.prefill(prompt_embeds))
+        rng = np.random.default_rng(sampling.seed) if sampling else None
+        history: deque[int] = deque(maxlen=PENALTY_WINDOW)
+        tokens: list[int] = []
+        text_tokens: list[int] = []
+        audio_rows: list[np.ndarray] = []
+        stop = "max_new_tokens"
+        sessions = (self.embedding, self.backbone, self.greedy) + ((self.logits,) if self.logits else ())
+        for _ in range(max_new_tokens):
+            if cancel is not None and cancel.is_set():
+                stop = "cancelled"
+                break
+            t0 = time.perf_counter()
+            busy0 = sum(s.stats.busy_ms for s in sessions)
+            ids = self._choose(history, sampling, rng)
+            token = int(ids[0])
+            tokens.append(token)
+            if token == lay.im_end:
+                stop = "im_end"
+                times.step_ms.append((time.perf_counter() - t0) * 1e3)
+                times.session_ms.append(sum(s.stats.busy_ms for s in sessions) - busy0)
+                break
+            if lay.is_audio(token):
+                self._ids[0, 0, :] = ids
+                step_ids = self._ids
+                row = ids - self._book_starts
+                audio_rows.append(row)
+                history.append(token)
+                if on_audio is not None:
+                    on_audio(row)
+            else:
+                self._text_id[0, 0, 0] = token
+                step_ids = self._text_id
+                text_tokens.append(token)
+                if on_text is not None:
+                    on_text(token)
+            if self.cache.free() == 0:
+                # The reply so far is kept; the prompt policy leaves room, so this is a long reply.
+                stop = "context_full"
+                times.step_ms.append((time.perf_counter() - t0) * 1e3)
+                times.session_ms.append(sum(s.stats.busy_ms for s in sessions) - busy0)
+                break
+            self._embeds[...] = self.embed(step_ids)
+            self._forward(self._embeds)
+            times.step_ms.append((time.perf_counter() - t0) * 1e3)
+            times.session_ms.append(sum(s.stats.busy_ms for s in sessions) - busy0)
+        return GenerationResult(tokens, text_tokens, audio_rows, stop, times, prompt_length=prompt_embeds.shape[1])

@@ -1,0 +1,114 @@
+"""The torch-free generation loop over ONNX sessions against the PyTorch reference loop."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from qinyu_edge.errors import ContextFullError
+from qinyu_edge.export.qinyu_checkpoint import load_preset
+from qinyu_edge.export.reference import reference_generate
+from qinyu_edge.runtime.engine import Engine, EngineOptions
+from qinyu_edge.runtime.sampling import SamplingConfig
+
+PROMPT = "<|im_start|>user\nHello there, how are you?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="module")
+def engine(preset_bundle):
+    name, path = preset_bundle
+    return name, Engine(path)
+
+
+def prompt_embeds(eng, text=PROMPT):
+    ids = np.array(eng.tokenizer.encode(text).ids)
+    return eng.prompt_embeds(ids, [], [], [], [])
+
+
+def test_runtime_tokens_equal_reference(engine):
+    name, eng = engine
+    emb = prompt_embeds(eng)
+    got = eng.generator.generate(emb, max_new_tokens=120)
+    ref = reference_generate(load_preset(name), torch.from_numpy(emb), 120)
+    assert got.tokens == ref.tokens
+    assert got.text_tokens == ref.text_tokens
+    assert [r.tolist() for r in got.audio_rows] == ref.audio_rows
+    assert got.stop == ref.stop
+
+
+def test_bytes_moved_per_step_do_not_grow_with_context(engine):
+    """The past is bound as a view of the cache and the new position straight into its slot."""
+    _, eng = engine
+    gen, cache = eng.generator, eng.cache
+    h = eng.config.backbone.hidden_size
+    sessions = [eng.sessions[n] for n in ("embedding", "backbone", "heads_greedy")]
+
+    def moved_in_steps(past_len, n=5):
+        cache.reset()
+        cache.advance(past_len)  # pretend a prompt of past_len positions was prefilled
+        for s in sessions:
+            s.stats.reset()
+        embeds = np.random.default_rng(0).normal(size=(1, 1, h)).astype(np.float32)
+        for _ in range(n):
+            gen._forward(embeds)
+        return sum(s.stats.bytes_in + s.stats.bytes_out for s in sessions)
+
+    short, long = moved_in_steps(4), moved_in_steps(min(cache.capacity - 10, 2000))
+    assert short == long
+    # and what is moved is only the small per-step tensors, not the cache
+    assert short < 5 * 4 * (h + 64)
+
+
+def test_new_positions_land_in_the_cache_slot(engine):
+    _, eng = engine
+    gen, cache = eng.generator, eng.cache
+    emb = prompt_embeds(eng)
+    gen.prefill(emb)
+    n = emb.shape[1]
+    assert cache.pos == n
+    before = [b[: n].copy() for b in cache.buffers]
+    x = np.ones((1, 1, eng.config.backbone.hidden_size), np.float32)
+    spec_inputs = {"inputs_embeds": x, **cache.past()}
+    plain = eng.sessions["backbone"].run(spec_inputs)
+    gen._forward(x)
+    for name, buf, old in zip(cache.names_out, cache.buffers, before):
+        np.testing.assert_array_equal(buf[:n], old)  # the past is untouched
+        np.testing.assert_allclose(buf[n : n + 1], plain[name], rtol=1e-6, atol=1e-6)
+
+
+def test_cancel_between_steps(engine):
+    _, eng = engine
+    cancel = threading.Event()
+    seen = []
+
+    def on_token(_):
+        seen.append(1)
+        if len(seen) == 3:
+            cancel.set()
+
+    res = eng.generator.generate(prompt_embeds(eng), max_new_tokens=100, on_text=on_token, on_audio=on_token,
+                                 cancel=cancel)
+    assert res.stop == "cancelled" and res.steps == 3
+
+
+def test_sampling_is_seeded(engine):
+    _, eng = engine
+    emb = prompt_embeds(eng)
+    a = eng.generator.generate(emb, 30, sampling=SamplingConfig(temperature=0.9, top_k=50, top_p=0.9, seed=7))
+    b = eng.generator.generate(emb, 30, sampling=SamplingConfig(temperature=0.9, top_k=50, top_p=0.9, seed=7))
+    c = eng.generator.generate(emb, 30, sampling=SamplingConfig(temperature=0.9, top_k=50, top_p=0.9, seed=8))
+    assert a.tokens == b.tokens and a.tokens != c.tokens
+
+
+def test_full_context(preset_bundle):
+    _, path = preset_bundle
+    probe = Engine(path, EngineOptions(context=64))
+    n = len(probe.tokenizer.encode(PROMPT).ids)
+    eng = Engine(path, EngineOptions(context=n + 5))
+    res = eng.generator.generate(prompt_embeds(eng), max_new_tokens=100)
+    # A reply that reaches the end of the cache stops there and keeps what it has.
+    assert res.stop == "context_full" and res.steps == 6 and eng.cache.pos == n + 5
+    small = Engine(path, EngineOptions(context=n - 1))
+    with pytest.raises(ContextFullError, match="context window is full"):
+        small.generator.generate(prompt_embeds(small), max_new_tokens=10)
