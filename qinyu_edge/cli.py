@@ -59,6 +59,78 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_voice(value: str | None):
+    """A voice name in the bundle, or a 192-d vector file (.npy or .safetensors with one tensor)."""
+    if value is None or not Path(value).suffix:
+        return value
+    import numpy as np
+
+    path = Path(value)
+    if not path.is_file():
+        raise QinyuError(f"--voice {value}: no such file, and names have no extension")
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(path))
+        if len(tensors) != 1:
+            raise QinyuError(f"{path} holds {len(tensors)} tensors ({', '.join(tensors)}); pass one voice name with --voice")
+        return next(iter(tensors.values()))
+    raise QinyuError(f"--voice {path}: use a .npy or .safetensors vector (convert .pt files with `qinyu-edge export`)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import json
+
+    from .fileio import atomic_write_text
+    from .runtime.audio_io import load_16k_mono, write_wav
+    from .runtime.conversation import Conversation
+    from .runtime.engine import Engine, EngineOptions
+    from .runtime.sampling import SamplingConfig
+    from .runtime.streaming import ChunkSchedule
+
+    if args.input is None and not args.text:
+        raise QinyuError("give --input WAV or --text TEXT")
+    try:
+        schedule = ChunkSchedule.parse(args.schedule)
+        sampling = (SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed) if args.sample else None)
+    except ValueError as e:
+        raise QinyuError(str(e)) from e
+    wav = load_16k_mono(args.input) if args.input is not None else None
+    engine = Engine(args.bundle, EngineOptions(provider=args.provider, threads=args.threads, context=args.context))
+    conv = Conversation(engine, mode=args.mode, voice=_load_voice(args.voice), role_description=args.role,
+                        max_new_tokens=args.max_new_tokens, sampling=sampling, schedule=schedule)
+    reply = conv.ask(wav, args.text or "", user_speaker=not args.no_user_speaker)
+    out = Path(args.output)
+    write_wav(out, reply.audio, 32000)
+    t = reply.timings
+    report = {
+        "text": reply.text, "stop": reply.stop, "tokens": reply.tokens, "text_tokens": reply.text_tokens,
+        "audio_frames": int(reply.frames.shape[0]), "audio_seconds": t.audio_seconds,
+        "prompt_length": len(reply.prompt), "dropped_turns": reply.prompt.dropped_turns,
+        "timings": {
+            "frontend_ms": t.frontend_ms, "encoder_ms": t.encoder_ms, "speaker_ms": t.speaker_ms,
+            "prompt_ms": t.prompt_ms, "prefill_ms": t.prefill_ms, "steps": t.steps, "ms_per_step": t.ms_per_step,
+            "host_ms_per_step": t.host_ms_per_step, "steps_to_first_audio": t.steps_to_first_audio,
+            "time_to_first_audio_ms": t.first_audio_ms, "total_ms": t.total_ms, "real_time_factor": t.rtf,
+        },
+        "definitions": {
+            "time_to_first_audio_ms": "from the start of the turn (end of user speech) until the first 32 kHz "
+                                      "audio chunk was decoded",
+            "real_time_factor": "wall time of the whole turn divided by the seconds of speech produced; "
+                                "below 1 is faster than real time",
+        },
+        "schedule": list(schedule.sizes), "bundle": str(engine.root), "preset": engine.config.name,
+    }
+    json_path = Path(args.json) if args.json else out.with_suffix(".json")
+    atomic_write_text(json_path, json.dumps(report, indent=2, ensure_ascii=False))
+    print(f"reply text: {reply.text!r}")
+    print(f"{t.audio_seconds:.2f} s of speech in {out}; {t.steps} steps, {t.ms_per_step:.2f} ms/step, "
+          f"first audio after {t.steps_to_first_audio} steps ({t.first_audio_ms or 0:.0f} ms); details in {json_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qinyu-edge", description="VITA-QinYu on edge GPUs.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -75,6 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
     e.add_argument("--max-context", type=int, default=None, help="longest context the shape ranges allow")
     e.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("run", help="one turn from a WAV (or text) to a reply WAV and a JSON with text, tokens, timings")
+    r.add_argument("--bundle", type=Path, required=True, help="model bundle folder")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", type=Path, help="the user's speech (any rate, any channels)")
+    src.add_argument("--text", help="a text question (or the text to speak with --mode tts)")
+    r.add_argument("--output", type=Path, required=True, help="reply WAV (32 kHz)")
+    r.add_argument("--json", type=Path, help="where to write the report (default: OUTPUT with .json)")
+    r.add_argument("--mode", choices=["conversation", "roleplay", "asr", "tts"], default="conversation")
+    r.add_argument("--voice", help="agent voice: a name in the bundle (default tian) or a 192-d .npy/.safetensors file")
+    r.add_argument("--role", help="role description for --mode roleplay")
+    r.add_argument("--no-user-speaker", action="store_true", help="do not add the user's CAM++ embedding")
+    r.add_argument("--max-new-tokens", type=int, default=None, help="step cap (default 1024, as upstream)")
+    r.add_argument("--schedule", default="official", help="audio chunk schedule: official, low_latency or sizes like 8,16,32")
+    r.add_argument("--sample", action="store_true", help="sample instead of the official greedy decoding")
+    r.add_argument("--temperature", type=float, default=0.8)
+    r.add_argument("--top-k", type=int, default=20)
+    r.add_argument("--top-p", type=float, default=0.95)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="ONNX Runtime provider")
+    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--context", type=int, default=None, help="KV cache positions (default: the bundle's maximum)")
+    r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="the embedded default: export the tiny preset if needed and show the bundle")
     d.add_argument("--preset", choices=["tiny-4b", "tiny-8b"], default="tiny-4b")

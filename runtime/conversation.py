@@ -45,7 +45,7 @@ class Timings:
     prefill_ms: float = 0.0
     steps: int = 0
     ms_per_step: float = 0.0
-    host_ms_per_step: float = 0.0  # step time outside the sessions
+    host_ms_per_step: float = 0.0  # step time outside the sessions and the streaming decode
     steps_to_first_audio: int | None = None  # decode steps until the first audio chunk was ready
     first_audio_ms: float | None = None  # time to first audio, from the start of the turn
     total_ms: float = 0.0
@@ -177,7 +177,7 @@ class Conversation:
         timings.steps = result.steps
         if times.step_ms:
             timings.ms_per_step = float(np.mean(times.step_ms))
-            timings.host_ms_per_step = float(np.mean(np.subtract(times.step_ms, times.session_ms)))
+            timings.host_ms_per_step = float(np.mean(times.host_ms()))
         timings.total_ms = ms()
         timings.audio_seconds = len(audio) / SAMPLE_RATE_OUT
         if timings.audio_seconds > 0:

@@ -32,8 +32,13 @@ PENALTY_WINDOW = 5  # the official penalty looks at codebook-0 ids of the last 5
 class StepTimes:
     prefill_ms: float = 0.0
     step_ms: list[float] = field(default_factory=list)
-    # Time spent inside sessions per step; the rest of a step is host overhead.
+    # Time inside the generator's sessions, and inside the caller's callbacks (streaming decode runs
+    # there), per step; the rest of a step is the loop's own host overhead.
     session_ms: list[float] = field(default_factory=list)
+    callback_ms: list[float] = field(default_factory=list)
+
+    def host_ms(self) -> list[float]:
+        return [t - s - c for t, s, c in zip(self.step_ms, self.session_ms, self.callback_ms)]
 
 
 @dataclass
@@ -116,6 +121,7 @@ class Generator:
                 break
             t0 = time.perf_counter()
             busy0 = sum(s.stats.busy_ms for s in sessions)
+            callback = 0.0
             ids = self._choose(history, sampling, rng)
             token = int(ids[0])
             tokens.append(token)
@@ -123,6 +129,7 @@ class Generator:
                 stop = "im_end"
                 times.step_ms.append((time.perf_counter() - t0) * 1e3)
                 times.session_ms.append(sum(s.stats.busy_ms for s in sessions) - busy0)
+                times.callback_ms.append(callback)
                 break
             if lay.is_audio(token):
                 self._ids[0, 0, :] = ids
@@ -131,21 +138,27 @@ class Generator:
                 audio_rows.append(row)
                 history.append(token)
                 if on_audio is not None:
+                    c0 = time.perf_counter()
                     on_audio(row)
+                    callback = (time.perf_counter() - c0) * 1e3
             else:
                 self._text_id[0, 0, 0] = token
                 step_ids = self._text_id
                 text_tokens.append(token)
                 if on_text is not None:
+                    c0 = time.perf_counter()
                     on_text(token)
+                    callback = (time.perf_counter() - c0) * 1e3
             if self.cache.free() == 0:
                 # The reply so far is kept; the prompt policy leaves room, so this is a long reply.
                 stop = "context_full"
                 times.step_ms.append((time.perf_counter() - t0) * 1e3)
                 times.session_ms.append(sum(s.stats.busy_ms for s in sessions) - busy0)
+                times.callback_ms.append(callback)
                 break
             self._embeds[...] = self.embed(step_ids)
             self._forward(self._embeds)
             times.step_ms.append((time.perf_counter() - t0) * 1e3)
             times.session_ms.append(sum(s.stats.busy_ms for s in sessions) - busy0)
+            times.callback_ms.append(callback)
         return GenerationResult(tokens, text_tokens, audio_rows, stop, times, prompt_length=prompt_embeds.shape[1])
