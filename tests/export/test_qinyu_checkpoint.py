@@ -147,3 +147,34 @@ def test_index_naming_a_key_that_no_shard_has(folders, tmp_path):
     (f["checkpoint"] / INDEX).write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="layers.99"):
         load(f, name)
+
+
+def test_separate_audio_heads_are_loaded_when_the_config_enables_them(folders, tmp_path):
+    name, f = folders
+    f = copy_folders(f, tmp_path)
+    cfg = json.loads((f["checkpoint"] / "config.json").read_text())
+    cfg["use_audio_heads"] = True
+    (f["checkpoint"] / "config.json").write_text(json.dumps(cfg))
+    hidden = cfg["hidden_size"]
+    g = torch.Generator().manual_seed(0)
+    heads = {f"audio_heads.{i}.weight": torch.randn(1032, hidden, generator=g) for i in range(7)}
+    extra = f["checkpoint"] / "model-audio-heads.safetensors"
+    save_file(heads, str(extra))
+    index = json.loads((f["checkpoint"] / INDEX).read_text())
+    index["weight_map"].update({k: extra.name for k in heads})
+    (f["checkpoint"] / INDEX).write_text(json.dumps(index))
+    model = load(f, name)
+    assert model.config.backbone.use_audio_heads
+    hidden_state = torch.randn(1, hidden, generator=g)
+    hist = torch.full((1, 5), -1)
+    ids = model.heads.greedy(hidden_state, hist)[0]
+    for k in range(1, 8):
+        want = model.layout.book_start(k) + int(torch.argmax(heads[f"audio_heads.{k - 1}.weight"] @ hidden_state[0]))
+        assert int(ids[k]) == want
+    # Without the keys the same config is an error that names them.
+    for k in heads:
+        index["weight_map"].pop(k)
+    (f["checkpoint"] / INDEX).write_text(json.dumps(index))
+    extra.unlink()
+    with pytest.raises(CheckpointError, match="audio_heads.0.weight"):
+        load(f, name)
