@@ -27,15 +27,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from qinyu_edge.runtime.session import open_session
+from qinyu_edge.runtime.streaming import (
+    CROSSFADE,
+    SAMPLES_PER_FRAME,
+    ChunkSchedule,
+    Decoder,
+    Interleave,
+    decode_whole,
+    required_speedup,
+    snr_db,
+    stream_reply,
+)
 from rich.console import Console
 from rich.table import Table
 
 from qinyu_edge.bundle import load_bundle
-from qinyu_edge.runtime.session import open_session
-from qinyu_edge.runtime.streaming import (
-    CROSSFADE, SAMPLES_PER_FRAME, ChunkSchedule, Decoder, Interleave, decode_whole, required_speedup, snr_db,
-    stream_reply,
-)
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +102,10 @@ def real_size_decoder(folder: Path, seed: int) -> Path:
     if path.is_file():
         return path
     import torch  # only this option needs it
-
-    from qinyu_edge.config import XYDecoderConfig
     from qinyu_edge.export.models.xy_decoder import XYDecoder
     from qinyu_edge.export.onnx_io import export_onnx
+
+    from qinyu_edge.config import XYDecoderConfig
 
     torch.manual_seed(seed)
     module = XYDecoder(XYDecoderConfig()).eval()

@@ -34,6 +34,7 @@ Deviations from upstream, all deliberate:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -74,12 +75,12 @@ class ChunkSchedule:
         return self.sizes[min(index, len(self.sizes) - 1)]
 
     @classmethod
-    def official(cls) -> "ChunkSchedule":
+    def official(cls) -> ChunkSchedule:
         """Upstream's hard-coded sizes: #0 20, #1-2 16, #3-4 24, #5-6 36, then 48."""
         return cls("official", (20, 16, 16, 24, 24, 36, 36, 48))
 
     @classmethod
-    def low_latency(cls) -> "ChunkSchedule":
+    def low_latency(cls) -> ChunkSchedule:
         """First audio after 8 frames instead of 20: 20 decode steps instead of 40.
 
         A chunk must be ready before the audio already emitted has played out, and chunk 0 emits only
@@ -93,11 +94,11 @@ class ChunkSchedule:
         return cls("low_latency", (8, 8, 12, 16, 24, 36, 48))
 
     @classmethod
-    def custom(cls, sizes: list[int] | tuple[int, ...], name: str = "custom") -> "ChunkSchedule":
+    def custom(cls, sizes: list[int] | tuple[int, ...], name: str = "custom") -> ChunkSchedule:
         return cls(name, tuple(int(s) for s in sizes))
 
     @classmethod
-    def parse(cls, text: str) -> "ChunkSchedule":
+    def parse(cls, text: str) -> ChunkSchedule:
         """`official`, `low_latency`, or comma-separated sizes such as `12,24,48`."""
         if text in ("official", "low_latency"):
             return getattr(cls, text)()
@@ -173,7 +174,7 @@ class StreamingDecoder:
         if self.left_context is not None and self.left_context < least:
             problems.append(f"left_context needs >= {least} frames")
         if self.left_context is None:
-            pairs = list(zip(sizes, sizes[1:])) + [(sizes[-1], sizes[-1])]
+            pairs = [*itertools.pairwise(sizes), (sizes[-1], sizes[-1])]
             widest = max(a + b for a, b in pairs)
         else:
             widest = self.left_context + max(sizes)

@@ -7,7 +7,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-
 from qinyu_edge.runtime.delay import DelayUndo, audio_steps_for_frames
 
 

@@ -10,16 +10,22 @@ import sys
 import numpy as np
 import pytest
 import torch
-from torch import nn
-from torch.nn import functional as F
-
 from qinyu_edge.export.onnx_io import export_onnx
 from qinyu_edge.runtime.delay import DelayUndo
 from qinyu_edge.runtime.session import open_session
 from qinyu_edge.runtime.streaming import (
-    ChunkSchedule, Interleave, StreamingDecoder, crossfade_weights, decode_whole, required_speedup, schedule_snr,
-    snr_db, stream_reply,
+    ChunkSchedule,
+    Interleave,
+    StreamingDecoder,
+    crossfade_weights,
+    decode_whole,
+    required_speedup,
+    schedule_snr,
+    snr_db,
+    stream_reply,
 )
+from torch import nn
+from torch.nn import functional as F
 
 SPF = 2560
 CF = 6400
@@ -328,3 +334,30 @@ def test_imports_without_torch():
         "import qinyu_edge.runtime.streaming, qinyu_edge.runtime.delay, qinyu_edge.device.bench_streaming\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- benchmark script ------------------------------------------------------------------------
+
+def test_bench_row_and_table(tiny_xy):
+    from qinyu_edge.device.bench_streaming import bench_schedule, table
+    from rich.console import Console
+
+    c = codes(100)  # official: 20+16+16+24+24 = 100, then a flush that re-decodes the last 24 as context
+    row = bench_schedule(tiny_xy, c, decode_whole(tiny_xy, c), ChunkSchedule.official(), None, "hamming", Interleave())
+    assert (row.first_frames, row.first_audio_steps, row.first_decode_steps) == (20, 27, 40)
+    assert row.first_samples == 20 * SPF - CF
+    assert row.calls == 6
+    assert row.work == pytest.approx((100 + 20 + 16 + 16 + 24 + 24) / 100)
+    assert math.isfinite(row.snr_db) and row.ms_max >= row.ms_mean > 0
+    console = Console(record=True, width=200)
+    console.print(table([row], 100, 1.0, "tiny"))
+    assert "official" in console.export_text()
+
+
+@pytest.mark.slow
+def test_bench_real_size_random_weights(tmp_path, capsys):
+    from qinyu_edge.device.bench_streaming import main
+
+    assert main(["--real-size", "--real-size-dir", str(tmp_path), "--frames", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "official" in out and "low_latency" in out
