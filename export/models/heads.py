@@ -77,7 +77,8 @@ class Heads(nn.Module):
         )
         first = torch.argmax(masked, dim=1)
         book0 = torch.arange(a, a + per, device=hidden.device)
-        counts = (history.unsqueeze(2) == book0.view(1, 1, -1)).sum(dim=1).to(logits.dtype)  # [B, 1032]
+        # Counted in float: an int64 reduction is slow on TensorRT and gains nothing here.
+        counts = (history.unsqueeze(2) == book0.view(1, 1, -1)).to(logits.dtype).sum(dim=1)  # [B, 1032]
         factor = torch.pow(torch.full_like(counts, self.penalty), counts)
         cb0 = logits[:, a : a + per]
         cb0 = torch.where(cb0 < 0, cb0 * factor, cb0 / factor)

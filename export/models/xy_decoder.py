@@ -59,7 +59,9 @@ def sinusoid_table(length: int, channels: int, max_timescale: float = 10000.0) -
 def _clamp_if_nonfinite(h: torch.Tensor) -> torch.Tensor:
     # The official layer clamps the whole tensor when any element is inf/NaN (fp16/bf16 only).
     limit = FP16_CLAMP if h.dtype in (torch.float32, torch.float16) else torch.finfo(h.dtype).max - 1000.0
-    bad = (torch.isinf(h) | torch.isnan(h)).any()
+    # h - h is 0 where finite and NaN at inf/NaN, so one float sum flags both; isinf/any would
+    # trace to a float64 cast and an int64 reduction that TensorRT handles poorly.
+    bad = torch.isnan((h - h).sum())
     return torch.where(bad, h.clamp(-limit, limit), h)
 
 
