@@ -12,7 +12,6 @@ import dataclasses
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -22,6 +21,7 @@ import yaml
 
 from qinyu_edge.config import SenseVoiceConfig
 from qinyu_edge.errors import CheckpointError
+from qinyu_edge.fileio import atomic_path
 
 from .models.sensevoice import SenseVoiceEncoder
 
@@ -284,14 +284,8 @@ def _am_mvn_text(shift: np.ndarray, scale: np.ndarray) -> str:
 
 
 def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 __all__ = [

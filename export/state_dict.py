@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
 from qinyu_edge.errors import CheckpointError
+from qinyu_edge.fileio import atomic_path
 
 
 def check_keys(expected: Mapping[str, torch.Size | tuple[int, ...]], got: Mapping[str, torch.Tensor],
@@ -59,13 +59,5 @@ def torch_load(path: str | os.PathLike) -> dict:
 
 
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

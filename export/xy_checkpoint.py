@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -22,6 +21,7 @@ import yaml
 
 from qinyu_edge.config import TransformerStackConfig, XYDecoderConfig
 from qinyu_edge.errors import CheckpointError, ConfigError
+from qinyu_edge.fileio import atomic_path
 
 from .models.xy_decoder import DECODER_KERNEL, DECODER_STRIDE, XYDecoder, check_config
 
@@ -324,14 +324,8 @@ def _yaml_params(cfg: XYDecoderConfig) -> dict[str, Any]:
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        write(tmp)
 
 
 def write_xy_checkpoint(module: XYDecoder, cfg: XYDecoderConfig, ckpt_path: str | os.PathLike) -> Path:

@@ -60,6 +60,8 @@ class Reply:
     text: str
     tokens: list[int]
     text_tokens: list[int]
+    # For each text token, how many audio frames were complete when it was chosen: its speech follows.
+    text_frames: list[int]
     frames: np.ndarray  # [F, 8] codes, de-delayed
     audio: np.ndarray  # 32 kHz float32, all chunks joined
     chunks: list[np.ndarray]
@@ -161,8 +163,11 @@ class Conversation:
                 frames.append(frame)
                 emit(streamer.push(frame))
 
+        text_frames: list[int] = []
+
         def on_token(token: int) -> None:
             step[0] += 1
+            text_frames.append(len(frames))
             if on_text is not None:
                 on_text(eng.tokenizer.decode([token], skip_special_tokens=True))
 
@@ -182,12 +187,18 @@ class Conversation:
         timings.audio_seconds = len(audio) / SAMPLE_RATE_OUT
         if timings.audio_seconds > 0:
             timings.rtf = timings.total_ms / 1e3 / timings.audio_seconds
-        reply = Reply(reply_str, result.tokens, result.text_tokens,
+        reply = Reply(reply_str, result.tokens, result.text_tokens, text_frames,
                       np.stack(frames) if frames else np.zeros((0, eng.layout.n_codebooks), np.int64),
                       audio, chunks, result.stop, prompt, user, clips, timings)
         if commit:
             self.commit_turn(reply)
         return reply
+
+    def spoken_text(self, reply: Reply, played_seconds: float) -> str:
+        """The reply text whose speech had started within the first `played_seconds` of playback."""
+        played_frames = played_seconds * SAMPLE_RATE_OUT / self.engine.config.xy.samples_per_frame
+        kept = [t for t, f in zip(reply.text_tokens, reply.text_frames) if f <= played_frames]
+        return reply_text(self.engine.tokenizer, kept)
 
     def commit_turn(self, reply: Reply, spoken_text: str | None = None) -> None:
         """Add the user turn and the reply (or only the part that was played) to the history."""

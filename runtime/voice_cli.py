@@ -1,0 +1,202 @@
+"""`qinyu-edge chat` (the live assistant) and `qinyu-edge demo` (the same loop on a shipped WAV)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import time
+from importlib import resources
+from pathlib import Path
+
+from qinyu_edge.errors import QinyuError
+
+log = logging.getLogger(__name__)
+
+# The demo question ships with the package: espeak-ng -v en-us -s 165 "Can you tell me a short story
+# about the sea", resampled by sox to 16 kHz mono 16-bit with 0.4 s of leading silence.
+DEMO_WAV = "demo_question.wav"
+
+
+def _loop_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--turn", choices=["smart_turn", "silence"], default="smart_turn",
+                   help="end-of-turn detector: Smart Turn v3.2 (pipecat-ai) or silence endpointing")
+    p.add_argument("--silence-ms", type=int, default=800, help="silence that ends a turn with --turn silence")
+    p.add_argument("--vad", choices=["default", "official_web"], default="default", help="VAD preset")
+    p.add_argument("--duplex", choices=["half", "full"], default="half",
+                   help="half: ignore the mic while speaking (open speakers); full: headset, barge-in on")
+    p.add_argument("--barge-in-ms", type=int, default=300, help="user speech during a reply that interrupts it")
+    p.add_argument("--voice", help="agent voice name in the bundle")
+    p.add_argument("--role", help="role description (role-play)")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--schedule", default="official", help="audio chunk schedule: official, low_latency or 8,16,32")
+    p.add_argument("--num-history", type=int, default=4, help="turns of history kept (the web demo keeps 4)")
+    p.add_argument("--log", type=Path, help="JSONL file with one line of timings per turn")
+
+
+def _build(args: argparse.Namespace, bundle: Path, source, sink, on_event):
+    from .conversation import Conversation
+    from .engine import Engine
+    from .streaming import ChunkSchedule
+    from .turn import TurnConfig, TurnDetector
+    from .vad import VadConfig
+    from .voice_loop import LoopConfig, VoiceLoop
+
+    try:
+        schedule = ChunkSchedule.parse(args.schedule)
+    except ValueError as e:
+        raise QinyuError(str(e)) from e
+    engine = Engine(bundle)
+    mode = "roleplay" if args.role else "conversation"
+    conv = Conversation(engine, mode=mode, voice=args.voice, role_description=args.role,
+                        num_history=args.num_history, max_new_tokens=args.max_new_tokens, schedule=schedule)
+    detector = TurnDetector(VadConfig.preset(args.vad), TurnConfig(kind=args.turn, silence_timeout_ms=args.silence_ms))
+    cfg = LoopConfig(duplex=args.duplex, barge_in_min_ms=args.barge_in_ms)
+    return VoiceLoop(conv, source, sink, detector, cfg, on_event=on_event)
+
+
+class _TurnLog:
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record) -> None:
+        if self.path is None:
+            return
+        # One line per turn, flushed at once, so a crash loses at most the turn in progress.
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
+
+
+def _latency_table(turns):
+    from rich.table import Table
+
+    table = Table(title="per-turn latency, ms from the end of user speech",
+                  caption="decide: end of turn known; 1st chunk: first audio decoded; 1st play: first sample "
+                          "handed to playback; end: reply finished")
+    cols = ("#", "decide", "enc", "prefill", "1st chunk", "1st play", "end", "steps", "ms/step", "audio s", "barge")
+    for c in cols:
+        table.add_column(c, justify="right", no_wrap=True)
+    fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
+    for t in turns:
+        table.add_row(str(t.index), fmt(t.turn_decision_ms), f"{t.encoder_ms or 0:.1f}", fmt(t.prefill_ms),
+                      fmt(t.first_chunk_ms), fmt(t.first_played_ms), fmt(t.reply_end_ms), str(t.steps),
+                      f"{t.ms_per_step:.1f}", f"{t.reply_audio_seconds:.2f}", "yes" if t.barge_in else "")
+    return table
+
+
+def _describe(ev) -> str | None:
+    from .turn import TurnCheck, TurnEnd
+    from .vad import SpeechEnd, SpeechStart
+    from .voice_loop import BargeIn, StateChanged, TurnRecord
+
+    if isinstance(ev, StateChanged):
+        return f"[bold]{ev.old.value} -> {ev.new.value}[/bold] ({ev.reason})"
+    if isinstance(ev, SpeechStart):
+        return f"speech start at {ev.seconds:.2f} s"
+    if isinstance(ev, SpeechEnd):
+        return f"speech end: {ev.start_sample / 16000:.2f}-{ev.end_sample / 16000:.2f} s"
+    if isinstance(ev, TurnCheck):
+        return f"turn check: {ev.decision.verdict.value} (p={ev.decision.probability:.2f}, {ev.latency_ms:.0f} ms)"
+    if isinstance(ev, TurnEnd):
+        return f"end of turn ({ev.reason}), {ev.audio.size / 16000:.2f} s of user audio"
+    if isinstance(ev, BargeIn):
+        return f"[yellow]barge-in[/yellow] after {ev.played_seconds:.2f} s played; kept {ev.kept_text!r}"
+    if isinstance(ev, TurnRecord):
+        return f"reply: {ev.reply_audio_seconds:.2f} s of speech, {ev.steps} steps ({ev.stop})"
+    return None
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from qinyu_edge.export.bundle_export import preset_bundle
+
+    from .audio_devices import FileSink, FileSource
+
+    console = Console()
+    console.print(f"qinyu-edge demo: the embedded default [bold]{args.preset}[/bold]. Its weights are RANDOM "
+                  "(a tiny model of the real architecture): the reply is noise-like speech, not an answer.")
+    bundle = preset_bundle(args.preset, console=Console(stderr=True))
+    wav = Path(args.input) if args.input else Path(str(resources.files("qinyu_edge") / "data" / DEMO_WAV))
+    out = Path(args.output)
+    source = FileSource(wav, realtime=not args.fast, tail_silence_s=1.5)
+    sink = FileSink(out, realtime=not args.fast)
+    turn_log = _TurnLog(args.log)
+
+    def on_event(ev) -> None:
+        text = _describe(ev)
+        if text:
+            console.print(f"{time.strftime('%H:%M:%S')} {text}")
+        if type(ev).__name__ == "TurnRecord":
+            turn_log.write(ev)
+
+    console.print(f"playing {wav.name} into the loop {'as fast as possible' if args.fast else 'in real time'}")
+    loop = _build(args, bundle, source, sink, on_event)
+    turns = loop.run()
+    console.print(_latency_table(turns))
+    console.print(f"reply audio (the whole session timeline, 32 kHz): {out}")
+    return 0 if turns else 1
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from .audio_devices import AudioDeviceConfig, DeviceSink, DeviceSource
+
+    console = Console()
+    dev = AudioDeviceConfig(backend=args.backend, input_device=args.input_device, output_device=args.output_device)
+    source, sink = DeviceSource(dev), DeviceSink(dev)
+    turn_log = _TurnLog(args.log)
+    status = {"state": "listening", "last": "-"}
+    loop = None
+
+    def render() -> str:
+        level = loop.level if loop is not None else 0.0
+        bar = "#" * int(min(1.0, level * 8) * 20)
+        return (f"[bold]{status['state']:<14}[/bold] mic {bar:<20} | last turn first audio {status['last']} ms "
+                f"| overruns {source.stats.overruns} underruns {sink.stats.underruns}  (Ctrl-C to quit)")
+
+    def on_event(ev) -> None:
+        from .voice_loop import StateChanged, TurnRecord
+
+        text = _describe(ev)
+        if isinstance(ev, StateChanged):
+            status["state"] = ev.new.value
+        if isinstance(ev, TurnRecord):
+            status["last"] = "-" if ev.first_played_ms is None else f"{ev.first_played_ms:.0f}"
+            turn_log.write(ev)
+        if text and not isinstance(ev, StateChanged):
+            live.console.print(text)
+
+    live = Live(console=console, refresh_per_second=8, transient=False, get_renderable=render)
+    loop = _build(args, Path(args.bundle), source, sink, on_event)
+    signal.signal(signal.SIGINT, lambda *_: loop.stop())
+    with live:
+        loop.run()
+    if loop.turns:
+        console.print(_latency_table(loop.turns))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    d = sub.add_parser("demo", help="the embedded default: the whole voice loop on a shipped spoken WAV, tiny preset")
+    d.add_argument("--preset", choices=["tiny-4b", "tiny-8b"], default="tiny-8b")
+    d.add_argument("--input", type=Path, help="another 16 kHz WAV to play into the loop")
+    d.add_argument("--output", type=Path, default=Path("qinyu-demo-reply.wav"), help="where the reply audio goes")
+    d.add_argument("--fast", action="store_true", help="run faster than real time (no pacing)")
+    _loop_args(d)
+    # A short reply keeps the real-time demo short; the model's own cap is 1024 steps.
+    d.set_defaults(max_new_tokens=150)
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("chat", help="the live voice assistant: microphone, VAD, turns, streaming playback, barge-in")
+    c.add_argument("--bundle", type=Path, required=True)
+    c.add_argument("--backend", choices=["sounddevice", "pyaudio"], default="sounddevice")
+    c.add_argument("--input-device", help="microphone: index or (part of a) name; default: the system's")
+    c.add_argument("--output-device", help="speaker: index or (part of a) name; default: the system's")
+    _loop_args(c)
+    c.set_defaults(func=cmd_chat)

@@ -1,0 +1,281 @@
+"""The voice loop: microphone -> VAD -> end of turn -> generation -> streaming playback, with barge-in.
+
+A small explicit state machine. Every transition is an event (typed dataclasses), so a caller can log
+or test the whole conversation; per-turn timings are collected for the JSONL log.
+
+    listening --SpeechStart--> user_speaking --TurnEnd--> responding --first chunk--> speaking
+        ^                                                   |                          |
+        +------------------- reply done and played ---------+--------------------------+
+    responding/speaking --user speech >= barge_in_min_ms (full duplex)--> barge-in: playback cut,
+        generation cancelled at its next step, only the played part of the reply kept in history.
+
+Generation runs in a worker thread; the loop keeps reading the microphone meanwhile, so a device
+ring buffer never overflows and barge-in is heard while the reply plays.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, Literal
+
+import numpy as np
+
+from qinyu_edge.errors import ConfigError
+
+from .audio_devices import AudioSink, AudioSource
+from .conversation import Conversation, Reply
+from .turn import TurnDetector, TurnEnd
+from .vad import SpeechStart
+
+log = logging.getLogger(__name__)
+
+BLOCK = 512  # samples per mic read at 16 kHz (32 ms), the VAD's frame
+
+
+class State(str, Enum):
+    LISTENING = "listening"
+    USER_SPEAKING = "user_speaking"
+    RESPONDING = "responding"  # end of turn seen; encoding, prefill, generating before first audio
+    SPEAKING = "speaking"  # reply audio is being played
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    # half: the microphone is ignored while the assistant speaks (safe on open speakers, no echo
+    # canceller); full: a headset, where user speech during playback is a barge-in.
+    duplex: Literal["half", "full"] = "half"
+    barge_in_min_ms: int = 300  # user speech this long during a reply interrupts it
+    drain_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.duplex not in ("half", "full"):
+            raise ConfigError(f"duplex must be 'half' or 'full', got {self.duplex!r}")
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    old: State
+    new: State
+    at: float  # seconds since the loop started (wall clock)
+    reason: str
+
+
+@dataclass(frozen=True)
+class BargeIn:
+    at: float
+    played_seconds: float
+    kept_text: str
+
+
+@dataclass
+class TurnRecord:
+    """One turn's timings in milliseconds from the end of user speech (the VAD's end edge)."""
+
+    index: int
+    user_seconds: float
+    turn_reason: str
+    vad_end_ms: float = 0.0
+    turn_decision_ms: float = 0.0
+    encoder_ms: float | None = None
+    prefill_ms: float | None = None
+    first_chunk_ms: float | None = None
+    first_played_ms: float | None = None
+    reply_end_ms: float | None = None
+    reply_text: str = ""
+    reply_audio_seconds: float = 0.0
+    steps: int = 0
+    ms_per_step: float = 0.0
+    stop: str = ""
+    barge_in: bool = False
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+Event = StateChanged | BargeIn | TurnRecord
+EventCallback = Callable[[object], None]
+
+
+@dataclass
+class _Job:
+    end: TurnEnd
+    record: TurnRecord
+    t_speech_end: float  # wall clock of the end of user speech
+    cancel: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    reply: Reply | None = None
+    error: BaseException | None = None
+    first_played: float | None = None
+    played_before: float = 0.0  # the sink's played seconds when this reply started
+
+
+class VoiceLoop:
+    def __init__(self, conversation: Conversation, source: AudioSource, sink: AudioSink, detector: TurnDetector,
+                 config: LoopConfig = LoopConfig(), on_event: EventCallback | None = None):
+        self.conv, self.source, self.sink, self.detector = conversation, source, sink, detector
+        self.config = config
+        self.on_event = on_event
+        self.state = State.LISTENING
+        self.events: list[object] = []
+        self.turns: list[TurnRecord] = []
+        self._job: _Job | None = None
+        self._speech_start: int | None = None  # stream sample of the latest SpeechStart
+        self.level = 0.0  # RMS of the latest microphone block, for a level meter
+        self._t0 = time.perf_counter()
+        self._stop = threading.Event()
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    def _emit(self, ev: object) -> None:
+        self.events.append(ev)
+        if self.on_event is not None:
+            self.on_event(ev)
+
+    def _go(self, new: State, reason: str) -> None:
+        if new != self.state:
+            ev = StateChanged(self.state, new, self._now(), reason)
+            log.info("%s -> %s (%s)", self.state.value, new.value, reason)
+            self.state = new
+            self._emit(ev)
+
+    def stop(self) -> None:
+        """Ask the loop to end (from another thread, e.g. Ctrl-C handling)."""
+        self._stop.set()
+
+    # -- the reply worker -----------------------------------------------------------------------
+
+    def _respond(self, job: _Job) -> None:
+        def on_chunk(chunk: np.ndarray) -> None:
+            if job.cancel.is_set():
+                return
+            if job.first_played is None:
+                job.first_played = time.perf_counter()
+            self.sink.write(chunk)
+
+        try:
+            job.reply = self.conv.ask(job.end.audio, on_chunk=on_chunk, cancel=job.cancel, commit=False)
+        except BaseException as e:  # noqa: BLE001 - reported by the loop thread
+            job.error = e
+
+    def _start_reply(self, end: TurnEnd, read_wall: float) -> None:
+        # The last block read holds stream sample `position`; the speech ended `lag` earlier than that
+        # block arrived. The decision is known now, after the turn model has run.
+        lag_s = (self.detector.position - end.end_sample) / 16000
+        t_speech_end = read_wall - lag_s
+        record = TurnRecord(index=len(self.turns), user_seconds=end.audio.size / 16000, turn_reason=end.reason,
+                            turn_decision_ms=(time.perf_counter() - t_speech_end) * 1e3)
+        job = _Job(end, record, t_speech_end, played_before=self.sink.played_seconds)
+        job.thread = threading.Thread(target=self._respond, args=(job,), name="qinyu-reply", daemon=True)
+        self._job = job
+        self._go(State.RESPONDING, f"end of turn ({end.reason})")
+        job.thread.start()
+
+    def _finish_reply(self, barge_in: bool) -> None:
+        job = self._job
+        assert job is not None and job.thread is not None
+        job.thread.join()
+        self._job = None
+        if job.error is not None:
+            raise job.error
+        reply = job.reply
+        assert reply is not None
+        rec = job.record
+        ms = lambda t: None if t is None else (t - job.t_speech_end) * 1e3  # noqa: E731
+        t = reply.timings
+        rec.encoder_ms, rec.prefill_ms = t.encoder_ms, t.prefill_ms
+        if t.first_audio_ms is not None:
+            rec.first_chunk_ms = rec.turn_decision_ms + t.first_audio_ms
+        rec.first_played_ms = ms(job.first_played)
+        rec.reply_end_ms = ms(time.perf_counter())
+        rec.steps, rec.ms_per_step, rec.stop = t.steps, t.ms_per_step, reply.stop
+        rec.reply_audio_seconds = t.audio_seconds
+        rec.barge_in = barge_in
+        if barge_in:
+            played = self.sink.played_seconds - job.played_before
+            kept = self.conv.spoken_text(reply, played)
+            self.conv.commit_turn(reply, kept)
+            rec.reply_text = kept
+            self._emit(BargeIn(self._now(), played, kept))
+        else:
+            self.conv.commit_turn(reply)
+            rec.reply_text = reply.text
+        self.turns.append(rec)
+        self._emit(rec)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _speaking_now(self) -> bool:
+        return self._job is not None or self.sink.queued_seconds > 0
+
+    def _barge_in(self) -> None:
+        job = self._job
+        dropped = self.sink.flush()  # playback stops within one device block
+        log.info("barge-in: playback cut (%.2f s dropped), generation cancelled", dropped)
+        if job is not None:
+            job.cancel.set()
+            self._finish_reply(barge_in=True)
+        self._go(State.USER_SPEAKING, "barge-in")
+
+    def run(self) -> list[TurnRecord]:
+        """Until the source ends (then the last reply is finished and played) or stop() is called."""
+        self.source.start()
+        self.sink.start()
+        self._t0 = time.perf_counter()
+        try:
+            while not self._stop.is_set():
+                block = self.source.read(BLOCK)
+                if block is None:
+                    break
+                self._step(block, time.perf_counter())
+            if self.detector.in_turn and self._job is None:
+                for ev in self.detector.flush():
+                    if isinstance(ev, TurnEnd):
+                        self._start_reply(ev, time.perf_counter())
+            if self._job is not None:
+                self._finish_reply(barge_in=False)
+            self.sink.finish()
+            self.sink.drain(self.config.drain_timeout_s)
+            self._go(State.LISTENING, "done")
+        finally:
+            if self._job is not None:
+                self._job.cancel.set()
+                if self._job.thread is not None:
+                    self._job.thread.join()
+            self.source.close()
+            self.sink.close()
+        return self.turns
+
+    def _step(self, block: np.ndarray, read_wall: float) -> None:
+        self.level = float(np.sqrt(np.mean(np.square(block)))) if block.size else 0.0
+        job = self._job
+        if job is not None and job.first_played is not None and self.state == State.RESPONDING:
+            self._go(State.SPEAKING, "first audio chunk")
+        if job is not None and not job.thread.is_alive():
+            self._finish_reply(barge_in=False)
+            self.sink.finish()
+        if self.state in (State.RESPONDING, State.SPEAKING) and not self._speaking_now():
+            if self.config.duplex == "half":
+                self.detector.reset()  # what the mic heard meanwhile was our own voice
+            self._go(State.LISTENING, "reply played")
+        busy = self.state in (State.RESPONDING, State.SPEAKING)
+        if busy and self.config.duplex == "half":
+            return
+        for ev in self.detector.process(block):
+            self._emit(ev)
+            if isinstance(ev, SpeechStart):
+                self._speech_start = ev.sample
+                if self.state == State.LISTENING:
+                    self._go(State.USER_SPEAKING, "speech start")
+            elif isinstance(ev, TurnEnd) and self.state == State.USER_SPEAKING:
+                self._start_reply(ev, read_wall)
+        if busy and self.detector.segmenter.in_speech and self._speech_start is not None:
+            heard_ms = (self.detector.position - self._speech_start) * 1000 / 16000
+            if heard_ms >= self.config.barge_in_min_ms:
+                self._barge_in()

@@ -1,0 +1,145 @@
+"""The TensorRT session's checks and bookkeeping that run without TensorRT: refusing a tampered or
+foreign plan before deserializing, saying how to install TensorRT, routing from open_session, and
+the host mirror that keeps the KV cache's past from being uploaded again each step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_manifest import entry_for, plan_blob
+
+from qinyu_edge.engine_manifest import EngineError, EngineSet
+from qinyu_edge.runtime.session import open_session
+from qinyu_edge.runtime.trt_session import HostMirror, TensorRTMissing, TrtSession, cuda_check
+
+
+def _engine_set(tmp_path, data: bytes, on_disk: bytes | None = None):
+    root = tmp_path / "engines"
+    root.mkdir()
+    (root / "backbone.plan").write_bytes(data if on_disk is None else on_disk)
+    EngineSet(root, "orin-nano-8", "/data/bundle", {"backbone": entry_for(data)}).write()
+    return root / "backbone.plan"
+
+
+def _has_tensorrt() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_onnx_files_and_plans_without_manifest_are_refused(tmp_path):
+    with pytest.raises(EngineError, match="is an ONNX file.*qinyu-edge build"):
+        TrtSession(tmp_path / "backbone.onnx")
+    (tmp_path / "backbone.plan").write_bytes(plan_blob())
+    with pytest.raises(EngineError, match="not an engine set"):
+        TrtSession(tmp_path / "backbone.plan")
+
+
+def test_tampered_plan_is_refused_before_tensorrt_is_touched(tmp_path):
+    data = plan_blob()
+    bad = bytearray(data)
+    bad[40] ^= 0xFF
+    path = _engine_set(tmp_path, data, bytes(bad))
+    with pytest.raises(EngineError, match="changed after it was built") as e:
+        TrtSession(path)
+    assert "rebuild it: qinyu-edge build --bundle /data/bundle --target orin-nano-8" in str(e.value)
+
+
+def test_plan_whose_onnx_changed_is_refused(tmp_path):
+    path = _engine_set(tmp_path, plan_blob())
+    with pytest.raises(EngineError, match="backbone.onnx changed"):
+        TrtSession(path, onnx_sha256="00" * 32)
+
+
+@pytest.mark.skipif(_has_tensorrt(), reason="TensorRT is installed here; this is about machines without it")
+def test_a_sound_plan_without_tensorrt_says_how_to_install_it(tmp_path):
+    path = _engine_set(tmp_path, plan_blob())
+    with pytest.raises(TensorRTMissing, match="not installed here.*(JetPack|pip install tensorrt)"):
+        TrtSession(path)
+    with pytest.raises(TensorRTMissing):
+        open_session(path, backend="trt")
+
+
+def test_cuda_errors_are_named():
+    cudart = pytest.importorskip("cuda.bindings.runtime", reason="cuda-python is not installed here")
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) == 0 and count > 0:
+        pytest.skip("a GPU is present: this checks the driverless error path")
+    with pytest.raises(Exception, match="CUDA cudaMalloc.*failed: cudaError"):
+        cuda_check(cudart, cudart.cudaMalloc(1024), "cudaMalloc(1024)")
+
+
+class FakeDevice:
+    """The device side modelled with host arrays: applies exactly the copies HostMirror asks for."""
+
+    def __init__(self, nbytes: int):
+        self.mem = np.zeros(nbytes, np.uint8)
+        self.uploaded = 0
+
+    def upload(self, mirror: HostMirror, host: np.ndarray) -> None:
+        start, count = mirror.upload(host.ctypes.data, host.nbytes)
+        flat = host.reshape(-1).view(np.uint8)
+        self.mem[start : start + count] = flat[start : start + count]
+        self.uploaded += count
+
+    def absorb(self, mirror: HostMirror, written: np.ndarray) -> None:
+        offset = mirror.absorb(written.ctypes.data, written.nbytes, self.mem.nbytes)
+        if offset is not None:
+            self.mem[offset : offset + written.nbytes] = written.reshape(-1).view(np.uint8)
+
+
+def test_kv_cache_past_is_uploaded_once_then_never_again():
+    rng = np.random.default_rng(0)
+    cap, row = 64, (1, 2, 16)
+    cache = np.zeros((1 + cap, *row), np.float32)  # row 0: the masked null slot, then positions
+    row_bytes = cache[0].nbytes
+    device = FakeDevice(cache.nbytes)
+    mirror = HostMirror()
+    pos = 0
+
+    def step(n: int) -> int:
+        nonlocal pos
+        before = device.uploaded
+        device.upload(mirror, cache[: 1 + pos])
+        new = rng.standard_normal((n, *row)).astype(np.float32)  # what the engine computed
+        slot = cache[1 + pos : 1 + pos + n]
+        slot[...] = new  # copied device -> host into the slot
+        device.absorb(mirror, slot)
+        pos += n
+        # The device copy equals the host cache over everything written so far.
+        assert np.array_equal(device.mem[: cache[: 1 + pos].nbytes], cache[: 1 + pos].reshape(-1).view(np.uint8))
+        return device.uploaded - before
+
+    assert step(9) == row_bytes  # prefill: only the null row, once
+    assert [step(1) for _ in range(20)] == [0] * 20  # decode: the past is already there
+    pos = 0  # a new conversation reuses the buffer
+    assert step(5) == 0 and step(1) == 0
+    pos = 3  # a rewind: positions from 3 on are overwritten
+    assert step(2) == 0 and step(1) == 0
+
+
+def test_inputs_nothing_continues_are_uploaded_every_call():
+    history = np.full((1, 5), -1, np.int64)
+    m = HostMirror()
+    for i in range(3):
+        history[0, i] = 7 + i  # rewritten in place, same pointer
+        assert m.upload(history.ctypes.data, history.nbytes) == (0, history.nbytes)
+
+
+def test_mirror_bookkeeping():
+    a = np.arange(100, dtype=np.float32)
+    other = np.ones(100, np.float32)
+    base = a.ctypes.data
+    m = HostMirror()
+    assert m.upload(base, 40) == (0, 40)
+    assert m.absorb(base + 40, 40, a.nbytes) == 40  # continues the input: input and output trusted
+    assert m.upload(base, 80) == (80, 0)
+    assert m.absorb(base + 120, 4, a.nbytes) is None  # would leave a gap
+    assert m.upload(base, 200) == (80, 120)  # only what is not on the device yet
+    # An output over trusted bytes that cannot be mirrored (past the device buffer) makes them stale.
+    assert m.absorb(base + 20, 12, 16) is None
+    assert m.upload(base, 80) == (20, 60)
+    assert m.upload(other.ctypes.data, 80) == (0, 80)  # another host array: all of it
+    assert m.upload(base, 80) == (0, 80)  # and `a` is no longer mirrored
