@@ -90,7 +90,7 @@ def _latency_table(turns):
 def _describe(ev) -> str | None:
     from .turn import TurnCheck, TurnEnd
     from .vad import SpeechEnd, SpeechStart
-    from .voice_loop import BargeIn, StateChanged, TurnRecord
+    from .voice_loop import BargeIn, DeviceLost, StateChanged, TurnRecord
 
     if isinstance(ev, StateChanged):
         return f"[bold]{ev.old.value} -> {ev.new.value}[/bold] ({ev.reason})"
@@ -102,6 +102,8 @@ def _describe(ev) -> str | None:
         return f"turn check: {ev.decision.verdict.value} (p={ev.decision.probability:.2f}, {ev.latency_ms:.0f} ms)"
     if isinstance(ev, TurnEnd):
         return f"end of turn ({ev.reason}), {ev.audio.size / 16000:.2f} s of user audio"
+    if isinstance(ev, DeviceLost):
+        return f"[red]audio device lost[/red]: {ev.message}"
     if isinstance(ev, BargeIn):
         return f"[yellow]barge-in[/yellow] after {ev.played_seconds:.2f} s played; kept {ev.kept_text!r}"
     if isinstance(ev, TurnRecord):

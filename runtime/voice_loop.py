@@ -26,7 +26,7 @@ import numpy as np
 
 from qinyu_edge.errors import ConfigError
 
-from .audio_devices import AudioSink, AudioSource
+from .audio_devices import AudioDeviceLost, AudioSink, AudioSource
 from .conversation import Conversation, Reply
 from .turn import TurnDetector, TurnEnd
 from .vad import SpeechStart
@@ -65,6 +65,12 @@ class StateChanged:
 
 
 @dataclass(frozen=True)
+class DeviceLost:
+    at: float
+    message: str
+
+
+@dataclass(frozen=True)
 class BargeIn:
     at: float
     played_seconds: float
@@ -96,7 +102,7 @@ class TurnRecord:
         return dict(self.__dict__)
 
 
-Event = StateChanged | BargeIn | TurnRecord
+Event = StateChanged | BargeIn | DeviceLost | TurnRecord
 EventCallback = Callable[[object], None]
 
 
@@ -216,10 +222,11 @@ class VoiceLoop:
 
     def _barge_in(self) -> None:
         job = self._job
+        if job is not None:
+            job.cancel.set()  # first, so no chunk decoded from here on is queued
         dropped = self.sink.flush()  # playback stops within one device block
         log.info("barge-in: playback cut (%.2f s dropped), generation cancelled", dropped)
         if job is not None:
-            job.cancel.set()
             self._finish_reply(barge_in=True)
         self._go(State.USER_SPEAKING, "barge-in")
 
@@ -230,7 +237,13 @@ class VoiceLoop:
         self._t0 = time.perf_counter()
         try:
             while not self._stop.is_set():
-                block = self.source.read(BLOCK)
+                try:
+                    block = self.source.read(BLOCK)
+                except AudioDeviceLost as e:
+                    # The session ends cleanly: the reply in flight is finished below, nothing hangs.
+                    log.error("%s", e)
+                    self._emit(DeviceLost(self._now(), str(e)))
+                    break
                 if block is None:
                     break
                 self._step(block, time.perf_counter())

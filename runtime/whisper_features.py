@@ -82,4 +82,4 @@ def fit_window(audio: np.ndarray, n_samples: int) -> np.ndarray:
     return np.concatenate([np.zeros(n_samples - audio.size, dtype=np.float32), audio])
 
 
-__all__ = ["SAMPLE_RATE", "N_FFT", "HOP", "N_MELS", "mel_filters", "log_mel", "fit_window"]
+__all__ = ["HOP", "N_FFT", "N_MELS", "SAMPLE_RATE", "fit_window", "log_mel", "mel_filters"]

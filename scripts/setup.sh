@@ -3,9 +3,9 @@
 # EXTRAS picks the pip extras; torch is pinned to the CPU build that this machine has on disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${EXTRAS:-export,dev}"
+EXTRAS="${EXTRAS:-export,audio,bench,dev}"
 need=()
-for pkg in espeak-ng sox libportaudio2; do
+for pkg in espeak-ng sox libportaudio2 portaudio19-dev pulseaudio libasound2-plugins; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null; then
@@ -14,5 +14,15 @@ if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-python3 -m pip install -q --disable-pip-version-check -e ".[${EXTRAS}]" "torch==2.13.0" 2>&1 | grep -v "Running pip as the 'root' user" || true
+pip_q() {
+  local out
+  if ! out=$(python3 -m pip install -q --disable-pip-version-check "$@" 2>&1); then
+    echo "$out" >&2
+    return 1
+  fi
+}
+pip_q -e ".[${EXTRAS}]" "torch==2.13.0"
+# The VAD and Smart Turn models ship inside these wheels; their declared dependencies (torch,
+# protobuf and soundfile pins) are not needed to read an ONNX file, so they are left out.
+pip_q --no-deps "silero-vad==6.2.3" "pipecat-ai==1.14.0"
 python3 -c "import qinyu_edge.export, qinyu_edge.runtime, qinyu_edge.engines, qinyu_edge.device" 

@@ -1,0 +1,147 @@
+"""The voice loop end to end: real VAD, real turn detection, the tiny bundle, file or PortAudio audio.
+
+File tests run the microphone and the speaker on one clock at SPEED x real time, so the loop sees
+the same timeline a person would, only faster.
+"""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from pulse import sound_card_fixture, speak, stop_process  # noqa: F401  (the sound_card fixture)
+
+from qinyu_edge.runtime.audio_devices import AudioDeviceConfig, DeviceSink, DeviceSource, FileSink, FileSource
+from qinyu_edge.runtime.audio_io import write_wav
+from qinyu_edge.runtime.conversation import Conversation
+from qinyu_edge.runtime.engine import Engine
+from qinyu_edge.runtime.turn import TurnConfig, TurnDetector
+from qinyu_edge.runtime.vad import VadConfig
+from qinyu_edge.runtime.voice_loop import BargeIn, LoopConfig, State, StateChanged, TurnRecord, VoiceLoop
+
+SPEED = 3.0
+SR = 16000
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from qinyu_edge.export.bundle_export import preset_bundle
+
+    return Engine(preset_bundle("tiny-8b"))
+
+
+@pytest.fixture(scope="module")
+def voice(tmp_path_factory):
+    d = tmp_path_factory.mktemp("loop_speech")
+    return {
+        "question": speak("What is the tallest mountain in the world", d),
+        "follow": speak("And how high is it", d),
+        "first_half": speak("Tell me about the weather", d),
+        "second_half": speak("in the mountains tomorrow", d),
+    }
+
+
+def silence(seconds):
+    return np.zeros(int(seconds * SR), np.float32)
+
+
+def session(tmp_path, engine, parts, *, duplex="half", turn="silence", max_new_tokens=40, realtime=True):
+    wav = tmp_path / "mic.wav"
+    write_wav(wav, np.concatenate(parts), SR)
+    conv = Conversation(engine, max_new_tokens=max_new_tokens)
+    src = FileSource(wav, realtime=realtime, speed=SPEED, tail_silence_s=2.0)
+    sink = FileSink(tmp_path / "speaker.wav", realtime=realtime, speed=SPEED)
+    detector = TurnDetector(VadConfig(), TurnConfig(kind=turn, silence_timeout_ms=800))
+    loop = VoiceLoop(conv, src, sink, detector, LoopConfig(duplex=duplex, barge_in_min_ms=300))
+    return loop, conv
+
+
+def states(loop):
+    return [e.new for e in loop.events if isinstance(e, StateChanged)]
+
+
+def test_one_turn(tmp_path, engine, voice):
+    loop, conv = session(tmp_path, engine, [silence(0.5), voice["question"]])
+    turns = loop.run()
+    assert len(turns) == 1
+    assert states(loop)[:3] == [State.USER_SPEAKING, State.RESPONDING, State.SPEAKING]
+    assert states(loop)[-1] == State.LISTENING
+    rec = turns[0]
+    assert rec.steps == 40 and rec.reply_audio_seconds > 0 and not rec.barge_in
+    assert rec.first_chunk_ms is not None and rec.first_played_ms is not None
+    assert [t.role for t in conv.history] == ["user", "assistant"]
+    played = (tmp_path / "speaker.wav").stat().st_size
+    assert played > 44 + 2 * 32000 * 0.5  # at least half a second of reply reached the speaker
+
+
+def test_two_turns(tmp_path, engine, voice):
+    loop, conv = session(tmp_path, engine, [silence(0.5), voice["question"], silence(9.0), voice["follow"]])
+    turns = loop.run()
+    assert len(turns) == 2, [type(e).__name__ for e in loop.events]
+    assert [t.role for t in conv.history] == ["user", "assistant"] * 2
+    # The second prompt carried the first clip again and the first reply as text.
+    assert len(conv.clips) == 2
+
+
+def test_pause_mid_utterance_does_not_end_the_turn(tmp_path, engine, voice):
+    parts = [silence(0.5), voice["first_half"], silence(0.45), voice["second_half"]]
+    loop, conv = session(tmp_path, engine, parts)
+    turns = loop.run()
+    assert len(turns) == 1
+    (end,) = [e for e in loop.events if type(e).__name__ == "TurnEnd"]
+    assert len(end.segments) == 2  # two VAD segments, one turn
+    assert abs(turns[0].user_seconds - (end.audio.size / SR)) < 1e-6
+    assert end.audio.size / SR > (voice["first_half"].size + voice["second_half"].size) / SR
+
+
+def test_barge_in_cuts_playback_and_keeps_only_what_was_played(tmp_path, engine, voice):
+    # A long reply (300 steps, ~15 s of speech); the user speaks again 2.5 s after the end of turn.
+    parts = [silence(0.5), voice["question"], silence(2.5), voice["follow"]]
+    loop, conv = session(tmp_path, engine, parts, duplex="full", max_new_tokens=300)
+    turns = loop.run()
+    barges = [e for e in loop.events if isinstance(e, BargeIn)]
+    assert len(barges) == 1, [type(e).__name__ for e in loop.events]
+    first = turns[0]
+    assert first.barge_in and first.stop == "cancelled"
+    assert barges[0].played_seconds < 5.0  # far less than the full reply
+    assert conv.history[1].text == barges[0].kept_text
+    # The interrupting speech became the next turn.
+    assert len(turns) == 2 and not turns[1].barge_in
+
+
+def test_half_duplex_ignores_speech_while_speaking(tmp_path, engine, voice):
+    parts = [silence(0.5), voice["question"], silence(2.5), voice["follow"]]
+    loop, _ = session(tmp_path, engine, parts, duplex="half", max_new_tokens=300)
+    turns = loop.run()
+    assert not any(isinstance(e, BargeIn) for e in loop.events)
+    assert len(turns) == 1 and turns[0].stop == "max_new_tokens"
+
+
+def test_portaudio_loop_on_a_virtual_sound_card(sound_card, tmp_path, engine, voice):
+    """Play speech into a virtual microphone, run the loop on real PortAudio streams, record the speaker."""
+    wav = tmp_path / "mic.wav"
+    write_wav(wav, np.concatenate([silence(0.3), voice["question"], silence(0.3)]), SR)
+    raw = tmp_path / "speaker.raw"
+    rec = sound_card.record_speaker(raw)
+    cfg = AudioDeviceConfig(input_device="pulse", output_device="pulse", latency="high")
+    conv = Conversation(engine, max_new_tokens=60)
+    loop = VoiceLoop(conv, DeviceSource(cfg), DeviceSink(cfg), TurnDetector(VadConfig(), TurnConfig(kind="silence")))
+    try:
+        def speak_then_stop():
+            time.sleep(0.5)
+            sound_card.play_into_mic(wav)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not any(isinstance(e, TurnRecord) for e in loop.events):
+                time.sleep(0.1)
+            time.sleep(0.5)
+            loop.stop()
+
+        t = threading.Thread(target=speak_then_stop)
+        t.start()
+        turns = loop.run()
+        t.join()
+    finally:
+        stop_process(rec)
+    assert len(turns) == 1 and turns[0].reply_audio_seconds > 0
+    heard = np.fromfile(raw, dtype="<f4")
+    assert heard.size > 0 and float(np.abs(heard).max()) > 1e-3  # the reply came out of the speaker
