@@ -35,30 +35,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from .bundle import load_bundle
-
-    from .export.bundle_export import preset_bundle
-
-    console = Console()
-    console.print(f"the embedded default: [bold]{args.preset}[/bold] (exported once into the cache folder)")
-    bundle = load_bundle(preset_bundle(args.preset, console=Console(stderr=True)))
-    table = Table(title=f"bundle {bundle.root} ({bundle.config.name}; tiny preset, random weights)")
-    for col in ("component", "inputs", "outputs", "bytes"):
-        table.add_column(col)
-    for c in bundle.components.values():
-        table.add_row(c.name, ", ".join(f"{t.name}{list(t.shape)}" for t in c.inputs),
-                      ", ".join(f"{t.name}{list(t.shape)}" for t in c.outputs), str(bundle.files[c.file].bytes))
-    console.print(table)
-    console.print(f"parity: worst relative error {bundle.parity['worst_rel']:.2e} "
-                  f"(tolerance {bundle.parity['tolerance']:g}), all files verified by sha256.")
-    console.print("The tiny model's weights are random: it demonstrates the pipeline, not the model's answers.")
-    return 0
-
-
 def _load_voice(value: str | None):
     """A voice name in the bundle, or a 192-d vector file (.npy or .safetensors with one tensor)."""
     if value is None or not Path(value).suffix:
@@ -171,13 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--context", type=int, default=None, help="KV cache positions (default: the bundle's maximum)")
     r.set_defaults(func=cmd_run)
 
-    d = sub.add_parser("demo", help="the embedded default: export the tiny preset if needed and show the bundle")
-    d.add_argument("--preset", choices=["tiny-4b", "tiny-8b"], default="tiny-4b")
-    d.set_defaults(func=cmd_demo)
+    # Each area adds its own subcommands; those modules import nothing heavy until a command runs.
+    from .device import bench_cli, cli as device_cli
+    from .engines import cli as engines_cli, cli_doctor, quant_cli
+    from .runtime import voice_cli
 
-    from .device.cli import add_parsers as add_device_parsers
-
-    add_device_parsers(sub)
+    for module in (voice_cli, device_cli, bench_cli, cli_doctor, engines_cli, quant_cli):
+        module.add_parsers(sub)
     return p
 
 

@@ -3,7 +3,7 @@
 # EXTRAS picks the pip extras; torch is pinned to the CPU build that this machine has on disk.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="${EXTRAS:-export,audio,bench,dev}"
+EXTRAS="${EXTRAS:-export,quant,audio,bench,dev}"
 need=()
 for pkg in espeak-ng sox libportaudio2 portaudio19-dev pulseaudio libasound2-plugins; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")

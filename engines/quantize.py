@@ -1,0 +1,770 @@
+"""Quantized bundles: the precision lives in the ONNX.
+
+A recipe says, per component, how NVIDIA ModelOpt's ONNX tools rewrite its graph:
+
+- fp16: AutoCast with the component's calibration data; graph inputs and outputs stay fp32 (the
+  runtime binds fp32 buffers and the fp32 KV cache), nodes whose calibrated values leave fp16's
+  safe range stay fp32.
+- int8 / fp8: explicit Q/DQ from calibration (activations and weights), the rest fp16 as ModelOpt
+  writes it.
+- int4-awq: weight-only INT4 with AWQ (clip) on MatMul weights, blocks of 128 along the input
+  dimension, the rest fp16.
+
+A strongly typed TensorRT network takes every type from the graph, so the same files build on
+TensorRT 10.3 (JetPack 6) through 11.x, where the precision builder flags are gone. The lm_head (the
+heads components), the embedding table and the vocoder's ISTFT head stay in higher precision in
+every recipe.
+
+ModelOpt can fail quietly, so every output is checked before it is accepted:
+- calibrating at batch 1 its GEMV detection excludes every MatMul and it writes a model with nothing
+  quantized and no error: a quantization method that leaves 0 quantized weights is refused;
+- AWQ on Gemm (transB) nodes writes block scales ONNX Runtime rejects at run time: Gemms are
+  rewritten as MatMul first, and a blocked DQ feeding a Gemm or with scales that contradict its
+  block size is refused;
+- graph inputs and outputs must keep their names and types, and the file must load and run in
+  ONNX Runtime on a calibration sample with finite outputs of the fp32 shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from qinyu_edge.bundle import Bundle, ComponentSpec, file_entries, load_bundle, write_manifest
+from qinyu_edge.errors import QinyuError
+
+if TYPE_CHECKING:
+    import onnx
+
+    from qinyu_edge.device.targets import Target
+
+    from .calibration import CalibrationSet
+
+log = logging.getLogger(__name__)
+
+METHODS = ("fp32", "fp16", "int8", "fp8", "int4-awq")
+# The precision name a method stands for, as the target registry spells it.
+PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "fp8": "fp8", "int4-awq": "int4"}
+QUANTIZED_METHODS = ("int8", "fp8", "int4-awq")
+# ONNX Runtime's CPU QDQ fusion turns ModelOpt's FP8 Q/DQ around Transpose/Slice into nodes with
+# FP8 inputs that no kernel takes ("Type 'tensor(float8e4m3fn)' ... is invalid"); the graph itself
+# is valid and loads with this fusion off.
+FP8_ORT_DISABLED = ("QDQSelectorActionTransformer",)
+# Above this the weights go to a side file: protobuf cannot hold more than 2 GiB.
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+class QuantizationError(QinyuError):
+    """A quantization was refused: bad request, or ModelOpt wrote something that must not ship."""
+
+
+@dataclass(frozen=True)
+class ComponentRecipe:
+    """How one component's graph is rewritten."""
+
+    method: str = "fp16"
+    # Node-name regexes kept in higher precision (fp32 under fp16, unquantized under Q/DQ methods).
+    keep: tuple[str, ...] = ()
+    block_size: int = 128  # int4: weights quantized in blocks of this many input channels
+    calibration_method: str | None = None  # None: ModelOpt's default (entropy; awq_clip for int4)
+    # ModelOpt's TensorRT GEMV heuristic leaves a MatMul unquantized when a calibration sample gives
+    # it one row. At batch 1 that is every MatMul of a decode-shaped graph, and the bandwidth an
+    # int8 weight saves is the point on an edge GPU, so it is off.
+    gemv_detection: bool = False
+    # int4: rewrite Gemm as MatMul (+ Add) before AWQ, and keep any Gemm it cannot rewrite out of
+    # AWQ, whose block scales on Gemm come out transposed. False hands Gemms to AWQ as they are.
+    matmul_form: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise QuantizationError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
+
+
+# The vocoder head: exp() of magnitudes clipped at 100 and the overlap-add envelope leave fp16's range.
+XY_HEAD = r"^/enhanced_vocos/head/"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    components: Mapping[str, ComponentRecipe] = field(default_factory=dict)
+    default: ComponentRecipe = ComponentRecipe("fp16")
+
+    def for_component(self, name: str) -> ComponentRecipe:
+        return self.components.get(name, self.default)
+
+
+def _recipe(name: str, description: str, **methods: str) -> Recipe:
+    """The named components get `methods`; the lm_head (heads), the embedding table and the rest stay fp16."""
+    base = {"xy_decoder": ComponentRecipe("fp16", keep=(XY_HEAD,))}
+    return Recipe(name, description, {**base, **{c: ComponentRecipe(m) for c, m in methods.items()}})
+
+
+RECIPES: dict[str, Recipe] = {
+    "fp16": _recipe("fp16", "every component fp16 (AutoCast), I/O fp32"),
+    "int8": _recipe("int8", "INT8 Q/DQ on the encoder, audio projector and backbone; the rest fp16",
+                    encoder="int8", audio_projector="int8", backbone="int8"),
+    "fp8": _recipe("fp8", "FP8 Q/DQ on the encoder, audio projector and backbone; the rest fp16 (SM 8.9+)",
+                   encoder="fp8", audio_projector="fp8", backbone="fp8"),
+    "int4-awq": _recipe("int4-awq", "INT4 weight-only AWQ (group 128) on the backbone's MatMuls; the rest fp16",
+                        backbone="int4-awq"),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise QuantizationError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}") from None
+
+
+def check_target(plan: Mapping[str, ComponentRecipe], target: Target | None) -> None:
+    """Refuse a precision the target's TensorRT cannot build (fp8 needs a target that has it)."""
+    needed = {PRECISION[cr.method] for cr in plan.values()}
+    if target is None:
+        if "fp8" in needed:
+            raise QuantizationError("fp8 needs --target: FP8 Q/DQ builds only on SM 8.9+ GPUs "
+                                    "(RTX 40xx/50xx, Thor); see `qinyu-edge targets`")
+        return
+    lacking = sorted(p for p in needed if not target.supports(p))
+    if lacking:
+        which = ", ".join(f"{c} ({cr.method})" for c, cr in plan.items() if PRECISION[cr.method] in lacking)
+        raise QuantizationError(
+            f"{target.name} (SM {target.sm}) has no {', '.join(lacking)} in TensorRT (it has "
+            f"{', '.join(target.precisions)}); {which} cannot be built there. Pick another recipe or target."
+        )
+
+
+# --- graph inspection ----------------------------------------------------------------------
+
+_WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1}
+
+
+def _precision_of(elem_type: int) -> str | None:
+    import onnx
+
+    T = onnx.TensorProto
+    return {T.INT8: "int8", T.UINT8: "int8", T.FLOAT8E4M3FN: "fp8", T.INT4: "int4", T.UINT4: "int4"}.get(elem_type)
+
+
+@dataclass(frozen=True)
+class QuantStats:
+    """What a quantized graph holds."""
+
+    q_nodes: int
+    dq_nodes: int
+    # precision -> weight ops (MatMul/Gemm/Conv) whose weight input comes through a DQ of it
+    weight_ops: dict[str, int]
+    # blocked DQ nodes feeding a Gemm, and blocked DQ nodes whose scales contradict the block size
+    gemm_blocked: tuple[str, ...]
+    bad_block_scales: tuple[str, ...]
+    opset: int
+    node_types: dict[str, int]  # op type -> count, for the record
+    weight_bytes: dict[str, int]  # element type name (FLOAT, FLOAT16, INT4, ...) -> bytes of initializers
+
+    @property
+    def quantized_weights(self) -> int:
+        return sum(self.weight_ops.values())
+
+
+def inspect_quantization(model: onnx.ModelProto) -> QuantStats:
+    import onnx
+    from onnx import helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+
+    def dq_precision(dq: onnx.NodeProto) -> str | None:
+        src = dq.input[0]
+        if src in inits:
+            return _precision_of(inits[src].data_type)
+        q = producer.get(src)
+        if q is not None and q.op_type == "QuantizeLinear":
+            if len(q.input) > 2 and q.input[2] in inits:
+                return _precision_of(inits[q.input[2]].data_type)
+            return "int8"  # a QuantizeLinear without zero point writes uint8
+        return None
+
+    weight_ops: Counter[str] = Counter()
+    gemm_blocked, bad_scales = [], []
+    blocked: set[str] = set()
+    for n in g.node:
+        if n.op_type != "DequantizeLinear":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if attrs.get("block_size", 0) > 0:
+            blocked.add(n.output[0])
+            data, scale = inits.get(n.input[0]), inits.get(n.input[1])
+            if data is not None and scale is not None:
+                axis = attrs.get("axis", 1) % len(data.dims)
+                want = -(-data.dims[axis] // attrs["block_size"])
+                if len(scale.dims) != len(data.dims) or scale.dims[axis] != want:
+                    bad_scales.append(n.name)
+    for n in g.node:
+        idx = _WEIGHT_OPS.get(n.op_type)
+        if idx is None or len(n.input) <= idx:
+            continue
+        dq = producer.get(n.input[idx])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        p = dq_precision(dq)
+        if p is not None:
+            weight_ops[p] += 1
+        if n.op_type == "Gemm" and dq.output[0] in blocked:
+            gemm_blocked.append(n.name)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    types = Counter(n.op_type for n in g.node)
+    sizes: Counter[str] = Counter()
+    for i in g.initializer:
+        sizes[onnx.TensorProto.DataType.Name(i.data_type)] += _nbytes(i)
+    return QuantStats(types["QuantizeLinear"], types["DequantizeLinear"], dict(weight_ops), tuple(gemm_blocked),
+                      tuple(bad_scales), opset, dict(types), dict(sizes))
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    import onnx
+    from onnx import helper
+
+    if t.raw_data:
+        return len(t.raw_data)
+    n = int(np.prod(t.dims, dtype=np.int64))
+    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (n + 1) // 2
+    return n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+# --- graph rewrites ------------------------------------------------------------------------
+
+def gemm_to_matmul(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Rewrite Gemm(A, B, C) with a constant B, alpha = beta = 1 and no transA as MatMul(A, B') (+ C).
+
+    B' is B transposed when transB is set, so the weight is [in, out] as AWQ expects of a MatMul.
+    Returns the model and how many Gemms were rewritten.
+    """
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    nodes, n_done = [], 0
+    for n in g.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        if (n.op_type != "Gemm" or n.input[1] not in inits or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(n)
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]])
+        if attrs.get("transB", 0):
+            w = w.T
+        w_name = f"{n.input[1]}__matmul_{n_done}"
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w), w_name))
+        has_bias = len(n.input) > 2 and n.input[2] != ""
+        mm_out = f"{n.output[0]}__matmul" if has_bias else n.output[0]
+        nodes.append(helper.make_node("MatMul", [n.input[0], w_name], [mm_out], name=f"{n.name}/MatMul"))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [mm_out, n.input[2]], [n.output[0]], name=f"{n.name}/Add"))
+        n_done += 1
+    if n_done:
+        del g.node[:]
+        g.node.extend(nodes)
+        used = {i for n in g.node for i in n.input}
+        keep = [i for i in g.initializer if i.name in used]
+        del g.initializer[:]
+        g.initializer.extend(keep)
+    return model, n_done
+
+
+def batched_weight_matmuls(model: onnx.ModelProto) -> list[str]:
+    """MatMul nodes whose constant weight is not 2-D (the absorbed MLA projections, one matrix per head).
+
+    AWQ takes only [in, out] weights, ONNX Runtime's CPU int8 fusion rejects per-channel zero points
+    on them, and TensorRT 10.3 blocks INT4 only on 2-D constants: they stay in higher precision.
+    """
+    inits = {i.name: i for i in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) != 2]
+
+
+def table_lookups(model: onnx.ModelProto) -> list[str]:
+    """Gather nodes reading a float table (embeddings). AutoCast keeps them fp32 because the integer
+    ids exceed its data range; the table values are what matters, and they fit fp16."""
+    import onnx
+
+    inits = {i.name: i for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+            and inits[n.input[0]].data_type == onnx.TensorProto.FLOAT]
+
+
+@dataclass(frozen=True)
+class _RoundTrip:
+    src: str  # the tensor rounded
+    to_low: onnx.NodeProto
+    back: onnx.NodeProto
+
+
+def strip_bf16_round_trips(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[_RoundTrip]]:
+    """Remove Cast(->bf16) -> Cast(->fp32) pairs (the official bf16 rounding of the features).
+
+    ONNX Runtime cannot hand a bf16 tensor to numpy, and AutoCast's reference run reads every
+    tensor; `restore_bf16_round_trips` puts the rounding back on the same source tensor afterwards.
+    """
+    import onnx
+    from onnx import helper
+
+    g = model.graph
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+
+    def to(n: onnx.NodeProto) -> int | None:
+        return next((helper.get_attribute_value(a) for a in n.attribute if a.name == "to"), None)
+
+    trips, drop, rename = [], set(), {}
+    for n in g.node:
+        if n.op_type != "Cast" or to(n) != onnx.TensorProto.BFLOAT16:
+            continue
+        users = consumers.get(n.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Cast" or to(users[0]) != onnx.TensorProto.FLOAT:
+            continue
+        back = users[0]
+        if back.output[0] in outputs or n.output[0] in outputs:
+            continue
+        trips.append(_RoundTrip(n.input[0], n, back))
+        drop.update({id(n), id(back)})
+        rename[back.output[0]] = n.input[0]
+    if trips:
+        kept = [n for n in g.node if id(n) not in drop]
+        for n in kept:
+            for k, name in enumerate(n.input):
+                if name in rename:
+                    n.input[k] = rename[name]
+        del g.node[:]
+        g.node.extend(kept)
+    return model, trips
+
+
+def restore_bf16_round_trips(model: onnx.ModelProto, trips: list[_RoundTrip]) -> onnx.ModelProto:
+    import onnx
+    from onnx import helper
+
+    if not trips:
+        return model
+    g = model.graph
+    types = {i.name: i.type.tensor_type.elem_type for i in g.input}
+    if any(t.src not in types for t in trips):
+        inferred = onnx.shape_inference.infer_shapes(model)
+        types.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info})
+    nodes = list(g.node)
+    for k, t in enumerate(trips):
+        low, rounded = f"{t.src}__bf16_{k}", f"{t.src}__bf16_round_{k}"
+        for n in nodes:
+            for j, name in enumerate(n.input):
+                if name == t.src:
+                    n.input[j] = rounded
+        back_to = types.get(t.src, onnx.TensorProto.FLOAT)
+        pair = [helper.make_node("Cast", [t.src], [low], name=t.to_low.name, to=onnx.TensorProto.BFLOAT16),
+                helper.make_node("Cast", [low], [rounded], name=t.back.name, to=back_to)]
+        at = next((i + 1 for i, n in enumerate(nodes) if t.src in n.output), 0)
+        nodes[at:at] = pair
+    del g.node[:]
+    g.node.extend(nodes)
+    return model
+
+
+# --- running ModelOpt ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """ModelOpt and ONNX Runtime's quantizer print progress bars and histograms; keep them in the debug log."""
+    out, err = io.StringIO(), io.StringIO()
+    # ModelOpt sets its loggers' levels itself (INFO for AutoCast) whenever it runs.
+    loggers = [logging.getLogger(n) for n in ("modelopt", "modelopt.onnx", "modelopt.onnx.autocast")]
+    levels = [lg.level for lg in loggers]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        for text in (out.getvalue(), err.getvalue()):
+            if text.strip():
+                log.debug("modelopt: %s", text.strip()[-2000:])
+
+
+def _save(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """Save with the bundle's naming: weights in `<file>.data` above 1 GiB. Returns the files written."""
+    import onnx
+
+    try:
+        large = model.ByteSize() > EXTERNAL_DATA_BYTES
+    except ValueError:  # past protobuf's 2 GiB
+        large = True
+    if large:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+        return [path, path.with_name(path.name + ".data")]
+    onnx.save_model(model, str(path))
+    return [path]
+
+
+def _autocast(src: Path, cr: ComponentRecipe, calib_dir: Path, work: Path) -> onnx.ModelProto:
+    import onnx
+    from modelopt.onnx.autocast import convert_to_mixed_precision
+
+    model = onnx.load(str(src))
+    model, trips = strip_bf16_round_trips(model)
+    path = src
+    if trips:
+        path = work / f"{src.stem}.nobf16.onnx"
+        _save(model, path)
+    include = [f"^{re.escape(n)}$" for n in table_lookups(model)]
+    with _quiet():
+        out = convert_to_mixed_precision(
+            str(path), "fp16", nodes_to_exclude=list(cr.keep), nodes_to_include=include, keep_io_types=True,
+            calibration_data=str(calib_dir), providers=["cpu"],
+        )
+    return restore_bf16_round_trips(out, trips)
+
+
+def _modelopt_qdq(src: Path, cr: ComponentRecipe, calib: CalibrationSet, component: str,
+                  exclude: list[str], work: Path) -> onnx.ModelProto:
+    import onnx
+    from modelopt.onnx.autocast import convert_to_f16
+    from modelopt.onnx.quantization import quantize
+
+    out = work / f"{src.stem}.{cr.method}.onnx"
+    mode = "int4" if cr.method == "int4-awq" else cr.method
+    kwargs: dict[str, Any] = {}
+    if mode == "int4":
+        kwargs.update(block_size=cr.block_size, calibration_method=cr.calibration_method or "awq_clip")
+    elif cr.calibration_method:
+        kwargs["calibration_method"] = cr.calibration_method
+    with _quiet():
+        quantize(
+            str(src), quantize_mode=mode, calibration_data_reader=calib.reader(component), calibration_eps=["cpu"],
+            nodes_to_exclude=list(exclude), output_path=str(out), log_level="ERROR", high_precision_dtype="fp16",
+            enable_gemv_detection_for_trt=cr.gemv_detection,
+            use_external_data_format=src.with_name(src.name + ".data").is_file(),
+            **kwargs,
+        )
+        if not out.is_file():
+            raise QuantizationError(f"ModelOpt wrote no {mode} model for {component} (see the debug log, -v)")
+        model = onnx.load(str(out))
+        if mode == "int4":
+            # ModelOpt leaves the int4 model's activations fp32; TensorRT would run them so.
+            model = convert_to_f16(model, keep_io_types=True)
+    return model
+
+
+# --- checks ------------------------------------------------------------------------------
+
+def check_quantized(model: onnx.ModelProto, spec: ComponentSpec, method: str, path: Path,
+                    sample: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                    disabled_optimizers: Sequence[str]) -> QuantStats:
+    """Refuse a rewritten component that must not ship; returns what it holds."""
+    stats = inspect_quantization(model)
+    name = spec.name
+    if method == "fp16" and not stats.weight_bytes.get("FLOAT16"):
+        raise QuantizationError(f"{name}: AutoCast kept every weight in fp32, so the graph is not fp16; "
+                                "its calibrated values leave fp16's range. Keep this component fp32.")
+    if method in QUANTIZED_METHODS:
+        want = PRECISION[method]
+        if stats.weight_ops.get(want, 0) == 0:
+            raise QuantizationError(
+                f"{name}: ModelOpt's {method} output holds {stats.q_nodes} Q and {stats.dq_nodes} DQ nodes and "
+                f"no {want} weights: nothing was quantized, and ModelOpt said nothing. This is its batch-1 trap "
+                "(its GEMV detection excludes MatMuls fed one row): calibrate with more than one row per sample "
+                "or keep gemv_detection off. The output was not written."
+            )
+    if stats.gemm_blocked:
+        raise QuantizationError(
+            f"{name}: blocked INT4 weights feed Gemm nodes ({', '.join(stats.gemm_blocked[:3])}); AWQ on Gemm "
+            "writes block scales ONNX Runtime rejects. Export the linears as MatMul (matmul_form=True)."
+        )
+    if stats.bad_block_scales:
+        raise QuantizationError(
+            f"{name}: DequantizeLinear nodes {', '.join(stats.bad_block_scales[:3])} have scales that do not match "
+            "their block size (ceil(dim / block) on the quantized axis); ONNX Runtime and TensorRT reject them."
+        )
+    _check_io(model, spec)
+    _check_runs(path, spec, sample, reference, disabled_optimizers)
+    return stats
+
+
+def _check_io(model: onnx.ModelProto, spec: ComponentSpec) -> None:
+    from onnx import helper
+
+    def io(values: Any) -> list[tuple[str, str]]:
+        return [(v.name, np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)).name) for v in values]
+
+    got = (io(model.graph.input), io(model.graph.output))
+    want = ([(t.name, t.dtype) for t in spec.inputs], [(t.name, t.dtype) for t in spec.outputs])
+    if got != want:
+        raise QuantizationError(f"{spec.name}: the rewritten graph's inputs/outputs {got} differ from the bundle's "
+                                f"{want}; the runtime binds those names and types.")
+
+
+def _check_runs(path: Path, spec: ComponentSpec, sample: Mapping[str, np.ndarray],
+                reference: Mapping[str, np.ndarray], disabled: Sequence[str]) -> None:
+    try:
+        outs = _run(path, sample, disabled)
+    except Exception as e:  # ORT raises its own exception types; any of them means the file is unusable
+        raise QuantizationError(f"{spec.name}: ONNX Runtime rejects the rewritten graph: {str(e)[:400]}") from e
+    for n, ref in reference.items():
+        got = outs[n]
+        if got.shape != ref.shape:
+            raise QuantizationError(f"{spec.name}: output {n} has shape {got.shape}, fp32 gives {ref.shape}")
+        if got.dtype.kind == "f" and not np.isfinite(got).all():
+            raise QuantizationError(f"{spec.name}: output {n} is not finite on a calibration sample (fp16 overflow?)")
+
+
+# --- one component, one bundle ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ComponentResult:
+    component: str
+    method: str
+    precision: str
+    files: tuple[str, ...]
+    stats: QuantStats
+    excluded: tuple[str, ...]
+    gemms_rewritten: int
+    ort_disabled_optimizers: tuple[str, ...]
+    seconds: float
+
+
+def quantize_component(src: str | os.PathLike, dst: str | os.PathLike, spec: ComponentSpec, cr: ComponentRecipe,
+                       calib: CalibrationSet) -> ComponentResult:
+    """Rewrite one component's ONNX at `src` into `dst` (written only if every check passes)."""
+    src, dst = Path(src), Path(dst)
+    t0 = time.perf_counter()
+    disabled = tuple(spec.ort_disabled_optimizers) + (FP8_ORT_DISABLED if cr.method == "fp8" else ())
+    samples = calib[spec.name]
+    check_calibration(spec, samples)
+    with tempfile.TemporaryDirectory(prefix=f"qinyu-quant-{spec.name}-") as tmp:
+        work = Path(tmp)
+        try:
+            model_out, excluded, n_gemm = _rewrite(src, spec, cr, calib, work)
+        except QuantizationError:
+            raise
+        except Exception as e:  # ModelOpt, AutoCast and ORT's quantizer raise many types; all mean "no output"
+            log.debug("%s: %s failed", spec.name, cr.method, exc_info=True)
+            raise QuantizationError(f"{spec.name}: {cr.method} failed in ModelOpt: {type(e).__name__}: "
+                                    f"{str(e)[:400]} (run with -v for the traceback)") from e
+        (work / "out").mkdir()
+        files = _save(model_out, work / "out" / dst.name)
+        ref = _run(src, samples[0], spec.ort_disabled_optimizers)
+        stats = check_quantized(model_out, spec, cr.method, files[0], samples[0], ref, disabled)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.move(f, dst.parent / f.name)
+    dt = time.perf_counter() - t0
+    log.info("%s: %s in %.1f s (%s quantized weights, %d Q / %d DQ)", spec.name, cr.method, dt,
+             stats.quantized_weights, stats.q_nodes, stats.dq_nodes)
+    return ComponentResult(spec.name, cr.method, PRECISION[cr.method], tuple(f.name for f in files), stats,
+                           tuple(excluded), n_gemm, disabled, dt)
+
+
+def _rewrite(src: Path, spec: ComponentSpec, cr: ComponentRecipe, calib: CalibrationSet, work: Path
+             ) -> tuple[onnx.ModelProto, list[str], int]:
+    """The rewritten model, the nodes kept out of quantization, and how many Gemms became MatMuls."""
+    import onnx
+
+    model = onnx.load(str(src))
+    if cr.method == "fp32":
+        return model, [], 0
+    n_gemm = 0
+    if cr.method == "int4-awq" and cr.matmul_form:
+        model, n_gemm = gemm_to_matmul(model)
+    # ModelOpt writes intermediate files beside its input: give it a private copy.
+    local = work / src.name
+    _save(model, local)
+    if cr.method == "fp16":
+        return _autocast(local, cr, calib.component_folder(spec.name, work / "calib"), work), [], n_gemm
+    excluded = sorted(set(batched_weight_matmuls(model))
+                      | {n.name for n in model.graph.node if any(re.search(p, n.name) for p in cr.keep)})
+    if cr.method == "int4-awq" and cr.matmul_form:
+        # Gemms the rewrite could not take (transA, alpha, a computed weight) stay as they are.
+        excluded += [n.name for n in model.graph.node if n.op_type == "Gemm"]
+    out = _modelopt_qdq(local, cr, calib, spec.name, [f"^{re.escape(n)}$" for n in excluded], work)
+    return out, excluded, n_gemm
+
+
+def check_calibration(spec: ComponentSpec, samples: Sequence[Mapping[str, np.ndarray]]) -> None:
+    """Every sample feeds exactly the component's inputs, with its dtypes and fixed dimensions."""
+    for i, sample in enumerate(samples):
+        if set(sample) != {t.name for t in spec.inputs}:
+            raise QuantizationError(f"calibration sample {i} for {spec.name} has inputs {sorted(sample)}, the graph "
+                                    f"takes {[t.name for t in spec.inputs]}; capture it from this bundle")
+        for t in spec.inputs:
+            a = sample[t.name]
+            fixed = a.ndim == len(t.shape) and all(
+                isinstance(d, str) or d == n for d, n in zip(t.shape, a.shape, strict=True))
+            if a.dtype.name != t.dtype or not fixed:
+                raise QuantizationError(
+                    f"calibration sample {i} for {spec.name}: {t.name} is {a.dtype.name}{list(a.shape)}, the graph "
+                    f"takes {t.dtype}{list(t.shape)}; the calibration set comes from another bundle. Capture it again."
+                )
+
+
+def _run(path: Path, feeds: Mapping[str, np.ndarray], disabled: Sequence[str]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled))
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, dict(feeds)), strict=True))
+
+
+def plan_components(bundle: Bundle, recipe: Recipe, components: Sequence[str] | None = None
+                    ) -> dict[str, ComponentRecipe]:
+    """The recipe per component of `bundle`; components not selected stay fp32."""
+    unknown = sorted(set(components or ()) - set(bundle.components))
+    if unknown:
+        raise QuantizationError(f"the bundle has no component {', '.join(unknown)} "
+                                f"(it has {', '.join(bundle.components)})")
+    chosen = set(components) if components else set(bundle.components)
+    return {name: recipe.for_component(name) if name in chosen else ComponentRecipe("fp32")
+            for name in bundle.components}
+
+
+def component_precision(bundle: Bundle, component: str) -> str:
+    """A component's precision as recorded by `quantize_bundle`; an exported bundle is fp32."""
+    return bundle.origin.get("precision", {}).get(component, "fp32")
+
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe | str,
+                    components: Sequence[str] | None = None, target: Target | None = None,
+                    calibration: CalibrationSet | None = None, force: bool = False,
+                    progress: ProgressFn | None = None) -> Bundle:
+    """Copy the fp32 bundle at `bundle_dir` to `out` with its components rewritten by `recipe`.
+
+    The new bundle is built in a temporary folder beside `out` and renamed into place, so an
+    interrupted or refused run leaves nothing behind.
+    """
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    src = load_bundle(bundle_dir)
+    if src.origin.get("precision"):
+        raise QuantizationError(f"{src.root} is already quantized ({src.origin['quantization']['recipe']}); "
+                                "quantize the fp32 bundle it came from")
+    out = Path(out)
+    if out.exists() and not force:
+        raise QuantizationError(f"{out} already exists. Choose another --out, or pass --force to replace it.")
+    if out.resolve() == src.root.resolve():
+        raise QuantizationError("--out must differ from --bundle: the fp32 bundle is the reference")
+    plan = plan_components(src, recipe, components)
+    check_target(plan, target)
+    if calibration is None:
+        from .calibration import capture
+
+        calibration = capture(src.root)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        results: dict[str, ComponentResult] = {}
+        todo = {name: cr for name, cr in plan.items() if cr.method != "fp32"}
+        replaced = {f for name in todo for f in (src.components[name].file, src.components[name].file + ".data")}
+        for name in src.files:
+            if name not in replaced:
+                shutil.copy2(src.root / name, tmp / name)
+        specs = dict(src.components)
+        for i, (name, cr) in enumerate(todo.items()):
+            if progress is not None:
+                progress(name, i, len(todo))
+            spec = src.components[name]
+            res = quantize_component(src.path(name), tmp / spec.file, spec, cr, calibration)
+            results[name] = res
+            specs[name] = dataclasses.replace(spec, ort_disabled_optimizers=res.ort_disabled_optimizers)
+        if progress is not None:
+            progress("manifest", len(todo), len(todo))
+        files = [p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith(".")]
+        origin = dict(src.origin)
+        origin["precision"] = {name: PRECISION[cr.method] for name, cr in plan.items()}
+        origin["quantization"] = _record(src, recipe, plan, results, target, calibration)
+        opsets = [r.stats.opset for r in results.values()]
+        bundle = dataclasses.replace(src, root=tmp, components=specs, files=file_entries(tmp, files), origin=origin,
+                                     opset=max([src.opset, *opsets]))
+        write_manifest(bundle)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        return dataclasses.replace(bundle, root=out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _record(src: Bundle, recipe: Recipe, plan: Mapping[str, ComponentRecipe], results: Mapping[str, ComponentResult],
+            target: Target | None, calibration: CalibrationSet) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        modelopt_version = version("nvidia-modelopt")
+    except PackageNotFoundError:
+        modelopt_version = None
+    return {
+        "recipe": recipe.name,
+        "source": {"bundle": str(src.root), "preset": src.origin.get("preset"),
+                   "files": {n: dataclasses.asdict(e) for n, e in src.files.items() if n.endswith(".onnx")}},
+        "target": target.id if target is not None else None,
+        "modelopt": modelopt_version,
+        "calibration": {"prompts": calibration.sources,
+                        "samples": {n: len(s) for n, s in calibration.samples.items()}},
+        "components": {name: _component_record(cr, results.get(name)) for name, cr in plan.items()},
+    }
+
+
+def _component_record(cr: ComponentRecipe, r: ComponentResult | None) -> dict[str, Any]:
+    if r is None:
+        return {"method": cr.method}
+    return {"method": cr.method, "quantized_weights": r.stats.weight_ops, "q_nodes": r.stats.q_nodes,
+            "dq_nodes": r.stats.dq_nodes, "opset": r.stats.opset, "weight_bytes": r.stats.weight_bytes,
+            "excluded": list(r.excluded),
+            "kept_high_precision": list(cr.keep), "gemms_rewritten": r.gemms_rewritten, "seconds": round(r.seconds, 2)}
+
+
+__all__ = [
+    "METHODS",
+    "PRECISION",
+    "RECIPES",
+    "ComponentRecipe",
+    "ComponentResult",
+    "QuantStats",
+    "QuantizationError",
+    "Recipe",
+    "batched_weight_matmuls",
+    "check_calibration",
+    "check_quantized",
+    "check_target",
+    "component_precision",
+    "gemm_to_matmul",
+    "get_recipe",
+    "inspect_quantization",
+    "plan_components",
+    "quantize_bundle",
+    "quantize_component",
+]
