@@ -90,7 +90,8 @@ class TurnRecord:
     prefill_ms: float | None = None
     first_chunk_ms: float | None = None
     first_played_ms: float | None = None
-    reply_end_ms: float | None = None
+    generation_end_ms: float | None = None
+    reply_end_ms: float | None = None  # playback of the reply finished (or was cut)
     reply_text: str = ""
     reply_audio_seconds: float = 0.0
     steps: int = 0
@@ -117,6 +118,7 @@ class _Job:
     error: BaseException | None = None
     first_played: float | None = None
     played_before: float = 0.0  # the sink's played seconds when this reply started
+    collected: bool = False  # generation over, reply taken
 
 
 class VoiceLoop:
@@ -183,25 +185,35 @@ class VoiceLoop:
         self._go(State.RESPONDING, f"end of turn ({end.reason})")
         job.thread.start()
 
-    def _finish_reply(self, barge_in: bool) -> None:
-        job = self._job
-        assert job is not None and job.thread is not None
+    def _collect(self, job: _Job) -> None:
+        """The generation is over (done or cancelled): take its reply and timings."""
+        assert job.thread is not None
         job.thread.join()
-        self._job = None
         if job.error is not None:
+            self._job = None
             raise job.error
-        reply = job.reply
-        assert reply is not None
-        rec = job.record
-        ms = lambda t: None if t is None else (t - job.t_speech_end) * 1e3  # noqa: E731
-        t = reply.timings
+        assert job.reply is not None
+        job.collected = True
+        rec, t = job.record, job.reply.timings
         rec.encoder_ms, rec.prefill_ms = t.encoder_ms, t.prefill_ms
         if t.first_audio_ms is not None:
             rec.first_chunk_ms = rec.turn_decision_ms + t.first_audio_ms
-        rec.first_played_ms = ms(job.first_played)
-        rec.reply_end_ms = ms(time.perf_counter())
-        rec.steps, rec.ms_per_step, rec.stop = t.steps, t.ms_per_step, reply.stop
+        rec.generation_end_ms = self._since(job, time.perf_counter())
+        rec.steps, rec.ms_per_step, rec.stop = t.steps, t.ms_per_step, job.reply.stop
         rec.reply_audio_seconds = t.audio_seconds
+
+    @staticmethod
+    def _since(job: _Job, wall: float | None) -> float | None:
+        return None if wall is None else (wall - job.t_speech_end) * 1e3
+
+    def _commit(self, barge_in: bool) -> None:
+        """The reply has been played out (or cut): it joins the history, as far as it was heard."""
+        job = self._job
+        assert job is not None and job.collected and job.reply is not None
+        self._job = None
+        rec, reply = job.record, job.reply
+        rec.first_played_ms = self._since(job, job.first_played)
+        rec.reply_end_ms = self._since(job, time.perf_counter())
         rec.barge_in = barge_in
         if barge_in:
             played = self.sink.played_seconds - job.played_before
@@ -217,17 +229,15 @@ class VoiceLoop:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def _speaking_now(self) -> bool:
-        return self._job is not None or self.sink.queued_seconds > 0
-
     def _barge_in(self) -> None:
         job = self._job
-        if job is not None:
-            job.cancel.set()  # first, so no chunk decoded from here on is queued
+        assert job is not None
+        job.cancel.set()  # first, so no chunk decoded from here on is queued
         dropped = self.sink.flush()  # playback stops within one device block
         log.info("barge-in: playback cut (%.2f s dropped), generation cancelled", dropped)
-        if job is not None:
-            self._finish_reply(barge_in=True)
+        if not job.collected:
+            self._collect(job)
+        self._commit(barge_in=True)
         self._go(State.USER_SPEAKING, "barge-in")
 
     def run(self) -> list[TurnRecord]:
@@ -252,9 +262,11 @@ class VoiceLoop:
                     if isinstance(ev, TurnEnd):
                         self._start_reply(ev, time.perf_counter())
             if self._job is not None:
-                self._finish_reply(barge_in=False)
-            self.sink.finish()
-            self.sink.drain(self.config.drain_timeout_s)
+                if not self._job.collected:
+                    self._collect(self._job)
+                self.sink.finish()
+                self.sink.drain(self.config.drain_timeout_s)
+                self._commit(barge_in=False)
             self._go(State.LISTENING, "done")
         finally:
             if self._job is not None:
@@ -268,15 +280,17 @@ class VoiceLoop:
     def _step(self, block: np.ndarray, read_wall: float) -> None:
         self.level = float(np.sqrt(np.mean(np.square(block)))) if block.size else 0.0
         job = self._job
-        if job is not None and job.first_played is not None and self.state == State.RESPONDING:
-            self._go(State.SPEAKING, "first audio chunk")
-        if job is not None and not job.thread.is_alive():
-            self._finish_reply(barge_in=False)
-            self.sink.finish()
-        if self.state in (State.RESPONDING, State.SPEAKING) and not self._speaking_now():
-            if self.config.duplex == "half":
-                self.detector.reset()  # what the mic heard meanwhile was our own voice
-            self._go(State.LISTENING, "reply played")
+        if job is not None:
+            if job.first_played is not None and self.state == State.RESPONDING:
+                self._go(State.SPEAKING, "first audio chunk")
+            if not job.collected and not job.thread.is_alive():
+                self._collect(job)
+                self.sink.finish()
+            if job.collected and self.sink.queued_seconds <= 0:
+                self._commit(barge_in=False)
+                if self.config.duplex == "half":
+                    self.detector.reset()  # what the mic heard meanwhile was our own voice
+                self._go(State.LISTENING, "reply played")
         busy = self.state in (State.RESPONDING, State.SPEAKING)
         if busy and self.config.duplex == "half":
             return
@@ -288,7 +302,7 @@ class VoiceLoop:
                     self._go(State.USER_SPEAKING, "speech start")
             elif isinstance(ev, TurnEnd) and self.state == State.USER_SPEAKING:
                 self._start_reply(ev, read_wall)
-        if busy and self.detector.segmenter.in_speech and self._speech_start is not None:
+        if self._job is not None and self.detector.segmenter.in_speech and self._speech_start is not None:
             heard_ms = (self.detector.position - self._speech_start) * 1000 / 16000
             if heard_ms >= self.config.barge_in_min_ms:
                 self._barge_in()

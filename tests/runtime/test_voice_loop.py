@@ -102,8 +102,9 @@ def test_barge_in_cuts_playback_and_keeps_only_what_was_played(tmp_path, engine,
     barges = [e for e in loop.events if isinstance(e, BargeIn)]
     assert len(barges) == 1, [type(e).__name__ for e in loop.events]
     first = turns[0]
-    assert first.barge_in and first.stop == "cancelled"
-    assert barges[0].played_seconds < 5.0  # far less than the full reply
+    # Generation may have finished (tiny model) or been cancelled; playback was cut either way.
+    assert first.barge_in and first.stop in ("cancelled", "max_new_tokens")
+    assert barges[0].played_seconds < min(5.0, first.reply_audio_seconds / 2)
     assert conv.history[1].text == barges[0].kept_text
     # The interrupting speech became the next turn.
     assert len(turns) == 2 and not turns[1].barge_in
