@@ -27,8 +27,8 @@ from safetensors.numpy import save_file as save_numpy
 import qinyu_edge
 from qinyu_edge.bundle import FORMAT_VERSION, Bundle, ComponentSpec, TensorSpec, file_entries, write_manifest
 from qinyu_edge.errors import QinyuError
+from qinyu_edge.runtime.kv_cache import NULL_ROWS
 
-from .models.backbone import ORT_DISABLED_OPTIMIZERS
 from .models.heads import HeadsGreedy, HeadsLogits
 from .onnx_io import OPSET, compare, export_onnx, run_onnx
 from .qinyu_checkpoint import QinYuModel
@@ -65,30 +65,20 @@ def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
 def components(model: QinYuModel, max_context: int, seed: int = 1234) -> list[Component]:
     cfg = model.config
     b = cfg.backbone
-    h, v, layers = b.hidden_size, b.vocab_size, b.num_layers
+    h, v = b.hidden_size, b.vocab_size
     g = torch.Generator().manual_seed(seed)
     n_query = 4 if cfg.keep_query_rows else 0
     sv_in = cfg.sensevoice.input_size
     enc_out = cfg.audio_projector.input_size
     max_prompt = min(2048, max_context)
 
-    if b.is_mla:
-        width = b.kv_lora_rank + b.qk_rope_head_dim
-        cache_in = ["past_latent"]
-        cache_out = ["new_latent"]
-
-        def cache(p: int) -> Inputs:
-            return {"past_latent": _randn(g, p, layers, 1, width)}
-    else:
-        cache_in = ["past_key", "past_value"]
-        cache_out = ["new_key", "new_value"]
-
-        def cache(p: int) -> Inputs:
-            shape = (p, layers, 1, b.num_key_value_heads, b.head_dim)
-            return {"past_key": _randn(g, *shape), "past_value": _randn(g, *shape)}
+    bb = model.backbone
+    sig = bb.signature()
+    cache_in = list(sig.input_names[1:])
+    cache_out = list(sig.output_names[1:])
 
     def backbone_inputs(s: int, p: int) -> Inputs:
-        return {"inputs_embeds": _randn(g, 1, s, h), **cache(p)}
+        return {"inputs_embeds": _randn(g, 1, s, h), **{n: _randn(g, *bb.cache_shape(p)) for n in cache_in}}
 
     cache_axes = {n: {0: "past"} for n in cache_in} | {n: {0: "seq"} for n in cache_out}
 
@@ -145,12 +135,12 @@ def components(model: QinYuModel, max_context: int, seed: int = 1234) -> list[Co
         Component(
             "backbone", model.backbone, ["inputs_embeds", *cache_in], ["hidden", *cache_out],
             {"inputs_embeds": {1: "seq"}, **cache_axes},
-            {"seq": (1, 256, max_prompt), "past": (0, 512, max_context)},
+            {"seq": (1, 256, max_prompt), "past": (NULL_ROWS, NULL_ROWS + 512, NULL_ROWS + max_context)},
             backbone_inputs(5, 3),
             [backbone_inputs(s, p) for s, p in ((7, 0), (1, 7), (1, 40), (5, 13))],
-            "prefill (past=0) and decode (seq=1) over a time-major cache; returns only the new positions"
+            "prefill (past=0) and decode (seq=1) over time-major per-layer caches whose first "
+            f"{NULL_ROWS} row(s) are a masked null slot (rows = {NULL_ROWS} + past); returns only the new positions"
             + ("; MLA caches the normed latent and the roped key" if b.is_mla else ""),
-            ORT_DISABLED_OPTIMIZERS,
         ),
         Component(
             "heads_logits", HeadsLogits(model.heads), ["hidden"], ["logits"], {}, {},
@@ -173,10 +163,11 @@ def components(model: QinYuModel, max_context: int, seed: int = 1234) -> list[Co
         ),
         Component(
             "campplus", model.campplus, ["fbank"], ["embedding"],
-            {"fbank": {1: "frames"}},
-            {"frames": (50, 998, 998)},
-            {"fbank": _randn(g, 1, 200, cfg.campplus.feat_dim)},
-            [{"fbank": _randn(g, 1, t, cfg.campplus.feat_dim)} for t in (150, 237, 400)],
+            # One row per 10 s chunk of a clip (up to 90 s), embedded in one call.
+            {"fbank": {0: "chunks", 1: "frames"}, "embedding": {0: "chunks"}},
+            {"chunks": (1, 1, 9), "frames": (50, 998, 998)},
+            {"fbank": _randn(g, 2, 200, cfg.campplus.feat_dim)},
+            [{"fbank": _randn(g, n, t, cfg.campplus.feat_dim)} for n, t in ((1, 150), (3, 237), (1, 400))],
             "CAM++ on one 10 s chunk's mean-removed fbank",
         ),
     ]
@@ -320,6 +311,7 @@ def preset_bundle(preset_name: str, seed: int = 0, console: Console | None = Non
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (out / "bundle.json").is_file():
+        manifest = out / "bundle.json"
+        if not manifest.is_file() or json.loads(manifest.read_text()).get("format_version") != FORMAT_VERSION:
             export_bundle(load_preset(preset_name, seed), out, force=True, console=console)
     return out

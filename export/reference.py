@@ -47,10 +47,9 @@ def prompt_embeddings(model: QinYuModel, ids: np.ndarray, audio_slots: list[tupl
 def reference_generate(model: QinYuModel, prompt_embeds: torch.Tensor, max_new_tokens: int = 1024) -> ReferenceResult:
     lay = model.layout
     backbone, heads = model.backbone, model.heads
-    n_cache = 1 if model.config.backbone.is_mla else 2
-    past = tuple(torch.zeros(backbone.cache_shape(0)) for _ in range(n_cache))
+    past = backbone.empty_cache()
     out = backbone(prompt_embeds, *past)
-    hidden, past = out[0], tuple(out[1:])
+    hidden, past = out[0], tuple(torch.cat([p, n], dim=0) for p, n in zip(past, out[1:]))
     tokens: list[int] = []
     text_tokens: list[int] = []
     frames: list[list[int]] = []

@@ -17,7 +17,8 @@ from .errors import BundleError
 from .fileio import atomic_write_text, sha256_file
 from .tokens import TokenLayout
 
-FORMAT_VERSION = 1
+# 2: per-layer KV cache tensors with a leading null row (1 had joint [P, L, ...] caches).
+FORMAT_VERSION = 2
 MANIFEST = "bundle.json"
 
 
@@ -121,6 +122,11 @@ def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
         raise BundleError(
             f"{root} has bundle format {version!r}, newer than this qinyu-edge reads ({FORMAT_VERSION}). "
             "Upgrade qinyu-edge, or export the bundle with the version installed here."
+        )
+    if version < FORMAT_VERSION:
+        raise BundleError(
+            f"{root} has bundle format {version}, older than this qinyu-edge reads ({FORMAT_VERSION}): its graphs "
+            "have another interface. Export the bundle again with the version installed here."
         )
     try:
         bundle = Bundle(

@@ -20,7 +20,7 @@ from qinyu_edge.errors import BundleError, CheckpointError
 
 from .frontend import FrontendConfig, SenseVoiceFrontend, campplus_chunks, campplus_fbank
 from .generate import Generator
-from .kv_cache import KVCache
+from .kv_cache import NULL_ROWS, KVCache
 from .session import Session, open_session
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ class Engine:
             load_file(str(root / SPEAKERS_FILE)) if (root / SPEAKERS_FILE).is_file() else {}
         )
         spec = self.bundle.components["backbone"]
-        capacity = options.context or spec.shape_ranges["past"][2]
+        capacity = options.context or spec.shape_ranges["past"][2] - NULL_ROWS
         self.cache = KVCache.for_backbone(spec, capacity)
         self.generator = Generator(
             self.sessions["embedding"], self.sessions["backbone"], self.sessions["heads_greedy"],

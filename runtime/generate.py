@@ -72,6 +72,7 @@ class Generator:
         self._ids = np.zeros((1, 1, layout.n_codebooks), np.int64)
         self._text_id = np.zeros((1, 1, 1), np.int64)
         self._embeds = np.zeros((1, 1, hidden_size), np.float32)
+        self._choice = np.zeros((1, layout.n_codebooks), np.int64)
         self._history = np.full((1, PENALTY_WINDOW), -1, np.int64)
         self._book_starts = np.array([layout.book_start(k) for k in range(layout.n_codebooks)], np.int64)
 
@@ -97,17 +98,20 @@ class Generator:
             self._history.fill(-1)
             if history:
                 self._history[0, : len(history)] = list(history)
-            return self.greedy.run({"hidden": self.hidden, "history": self._history})["ids"][0]
+            return self.greedy.run({"hidden": self.hidden, "history": self._history}, into={"ids": self._choice})["ids"][0]
         if self.logits is None:
             raise ValueError("sampling needs the heads_logits session")
         logits = self.logits.run({"hidden": self.hidden})["logits"][0]
         return sample_step(logits, list(history), self.layout, self.penalty, sampling, rng)
 
-    def generate(self, prompt_embeds: np.ndarray, max_new_tokens: int = 1024,
+    def generate(self, prompt_embeds: np.ndarray | None, max_new_tokens: int = 1024,
                  on_text: TextCallback | None = None, on_audio: AudioCallback | None = None,
                  cancel: threading.Event | None = None, sampling: SamplingConfig | None = None) -> GenerationResult:
+        """Prefill `prompt_embeds` [1, S, H] and decode; `None` decodes on from the cache and the last
+        hidden state as they stand (e.g. to time steps at a chosen past length)."""
         lay = self.layout
-        times = StepTimes(prefill_ms=self.prefill(prompt_embeds))
+        prompt_length = self.cache.pos if prompt_embeds is None else prompt_embeds.shape[1]
+        times = StepTimes(prefill_ms=0.0 if prompt_embeds is None else self.prefill(prompt_embeds))
         rng = np.random.default_rng(sampling.seed) if sampling else None
         history: deque[int] = deque(maxlen=PENALTY_WINDOW)
         tokens: list[int] = []
@@ -156,9 +160,9 @@ class Generator:
                 times.session_ms.append(sum(s.stats.busy_ms for s in sessions) - busy0)
                 times.callback_ms.append(callback)
                 break
-            self._embeds[...] = self.embed(step_ids)
+            self.embedding.run({"ids": step_ids}, into={"inputs_embeds": self._embeds})
             self._forward(self._embeds)
             times.step_ms.append((time.perf_counter() - t0) * 1e3)
             times.session_ms.append(sum(s.stats.busy_ms for s in sessions) - busy0)
             times.callback_ms.append(callback)
-        return GenerationResult(tokens, text_tokens, audio_rows, stop, times, prompt_length=prompt_embeds.shape[1])
+        return GenerationResult(tokens, text_tokens, audio_rows, stop, times, prompt_length=prompt_length)

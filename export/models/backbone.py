@@ -4,11 +4,14 @@
 embedding table is held for loading and for building `inputs_embeds` on the host; the graph itself
 starts from `inputs_embeds` (text rows, 8-row audio means, projector outputs are all mixed there).
 
-Cache layout, time-major so the host appends a step without copying the past:
-- Qwen3: `past_key`, `past_value` `[P, L, B, kv_heads, head_dim]`.
-- MLA: `past_latent` `[P, L, B, kv_lora_rank + qk_rope_head_dim]`.
-The graph returns only the S new positions in the same layout; positions are P..P+S-1, so one
-graph serves prefill (P = 0) and decode (S = 1).
+Cache: one time-major tensor per layer and kind, so each is a contiguous view of the host's
+preallocated buffer, appending a step copies nothing, and the graph reads each layer's cache where
+it lies (no per-layer slice of a joint tensor):
+- Qwen3: `past_key_{i}`, `past_value_{i}` `[N + P, B, kv_heads, head_dim]`.
+- MLA: `past_latent_{i}` `[N + P, B, kv_lora_rank + qk_rope_head_dim]`.
+The first N = NULL_ROWS rows are a null slot the attention masks out (keep them finite, e.g.
+zero); P real positions follow. The graph returns only the S new positions (`new_*`, `[S, B, ...]`);
+they are positions P..P+S-1, so one graph serves prefill (P = 0) and decode (S = 1).
 """
 
 from __future__ import annotations
@@ -20,16 +23,10 @@ from torch import nn
 
 from qinyu_edge.config import BackboneConfig
 from qinyu_edge.errors import ConfigError
-from qinyu_edge.export.models.layers import RMSNorm, Rotary, SwiGLU
+from qinyu_edge.export.models.layers import RMSNorm, Rotary, SwiGLU, attention_mask
 from qinyu_edge.export.models.mla import MLAAttention
 from qinyu_edge.export.models.qwen3 import Qwen3Attention
-
-
-# ONNX Runtime (1.31) folds the cache transpose into FusedMatMul(transBatchB), whose shape helper
-# divides by the cache's time axis: an empty past (prefill, P = 0) kills the process with SIGFPE.
-# Sessions of the backbone graph turn that fusion off; it costs one transposed copy of each layer's
-# cache slice per step.
-ORT_DISABLED_OPTIMIZERS = ("MatmulTransposeFusion",)
+from qinyu_edge.runtime.kv_cache import NULL_ROWS
 
 
 @dataclass(frozen=True)
@@ -50,9 +47,9 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: tuple[torch.Tensor, ...]
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], past: tuple[torch.Tensor, ...], mask: torch.Tensor
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        a, new = self.self_attn(self.input_layernorm(x), cos, sin, past)
+        a, new = self.self_attn(self.input_layernorm(x), rope, past, mask)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), new
 
@@ -60,7 +57,7 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     """The decoder stack common to both architectures; subclasses fix the cache tensors."""
 
-    cache_names: tuple[str, ...] = ()
+    cache_kinds: tuple[str, ...] = ()  # per layer, in graph order
 
     def __init__(self, cfg: BackboneConfig, layers: list[DecoderLayer], rope_dim: int) -> None:
         super().__init__()
@@ -70,17 +67,32 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(rope_dim, cfg.rope_theta)
 
+    @property
+    def cache_names(self) -> tuple[str, ...]:
+        """The cache tensors in `forward`'s order: every kind of layer 0, then layer 1, ..."""
+        return tuple(f"{kind}_{i}" for i in range(self.cfg.num_layers) for kind in self.cache_kinds)
+
     def cache_entry_shape(self) -> tuple[int, ...]:
-        """Per position and layer and batch item: the trailing dims of each cache tensor."""
+        """Per position and batch item: the trailing dims of each cache tensor."""
         raise NotImplementedError
 
+    def rope(self, start: torch.Tensor | int, length: torch.Tensor | int) -> tuple[torch.Tensor, ...]:
+        """What every layer's attention rotates positions start..start+length-1 with: cos, sin."""
+        return self.rotary(start, length)
+
     def cache_shape(self, length: int, batch: int = 1) -> tuple[int, ...]:
-        return (length, self.cfg.num_layers, batch, *self.cache_entry_shape())
+        """One cache tensor holding `length` positions (after the null slot)."""
+        return (NULL_ROWS + length, batch, *self.cache_entry_shape())
+
+    def empty_cache(self, batch: int = 1, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+        """The caches before the first position: the zero null slot only."""
+        return tuple(torch.zeros(self.cache_shape(0, batch), dtype=dtype) for _ in self.cache_names)
 
     def example_inputs(
         self, seq: int, past: int, batch: int = 1, dtype: torch.dtype = torch.float32, seed: int = 0
     ) -> tuple[torch.Tensor, ...]:
-        """Random `inputs_embeds` and caches in `forward`'s argument order (tracing, tests)."""
+        """Random `inputs_embeds` and caches in `forward`'s argument order (tracing, tests); the null
+        slot is random too, which the graph must ignore."""
         gen = torch.Generator().manual_seed(seed)
         embeds = torch.randn(batch, seq, self.cfg.hidden_size, generator=gen).to(dtype)
         caches = tuple(torch.randn(self.cache_shape(past, batch), generator=gen).to(dtype) for _ in self.cache_names)
@@ -90,31 +102,40 @@ class Backbone(nn.Module):
         pasts = tuple(f"past_{n}" for n in self.cache_names)
         news = tuple(f"new_{n}" for n in self.cache_names)
         axes: dict[str, dict[int, str]] = {"inputs_embeds": {0: "batch", 1: "seq"}, "hidden": {0: "batch"}}
-        axes.update({n: {0: "past", 2: "batch"} for n in pasts})
-        axes.update({n: {0: "seq", 2: "batch"} for n in news})
+        axes.update({n: {0: "past", 1: "batch"} for n in pasts})
+        axes.update({n: {0: "seq", 1: "batch"} for n in news})
         return OnnxSignature(("inputs_embeds", *pasts), ("hidden", *news), axes)
 
     def stack(
         self, inputs_embeds: torch.Tensor, caches: tuple[torch.Tensor, ...]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """All layers over a new block: (pre-final-norm hidden [B,S,H], new caches [S,L,B,...])."""
-        cos, sin = self.rotary(caches[0].shape[0], inputs_embeds.shape[1])
+        """All layers over a new block: (pre-final-norm hidden [B,S,H], new caches [S,B,...] in
+        `cache_names` order)."""
+        k = len(self.cache_kinds)
+        rows, seq = caches[0].shape[0], inputs_embeds.shape[1]
+        rope = self.rope(rows - NULL_ROWS, seq)
+        mask = attention_mask(rows, seq, inputs_embeds.device)
         x = inputs_embeds
-        news: list[tuple[torch.Tensor, ...]] = []
+        news: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
-            x, new = layer(x, cos, sin, tuple(c[:, i] for c in caches))
-            news.append(new)
-        return x, tuple(torch.stack(parts, dim=1) for parts in zip(*news))
+            x, new = layer(x, rope, tuple(caches[i * k : (i + 1) * k]), mask)
+            news.extend(new)
+        return x, tuple(news)
 
     def forward_full(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states of every position of a prompt with no past: [B,S,H]."""
-        b = inputs_embeds.shape[0]
-        empty = tuple(inputs_embeds.new_zeros(self.cache_shape(0, b)) for _ in self.cache_names)
+        empty = self.empty_cache(inputs_embeds.shape[0], inputs_embeds.dtype)
         return self.norm(self.stack(inputs_embeds, empty)[0])
+
+    def forward(self, inputs_embeds: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[B,S,H] and the caches (`cache_names` order) -> hidden [B,H] of the last position, then
+        the S new positions of every cache tensor, same order."""
+        x, news = self.stack(inputs_embeds, caches)
+        return (self.norm(x[:, -1]), *news)
 
 
 class Qwen3Backbone(Backbone):
-    cache_names = ("key", "value")
+    cache_kinds = ("key", "value")
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__(cfg, [DecoderLayer(cfg, Qwen3Attention(cfg)) for _ in range(cfg.num_layers)], cfg.head_dim)
@@ -122,16 +143,13 @@ class Qwen3Backbone(Backbone):
     def cache_entry_shape(self) -> tuple[int, ...]:
         return (self.cfg.num_key_value_heads, self.cfg.head_dim)
 
-    def forward(
-        self, inputs_embeds: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """[B,S,H], [P,L,B,KVH,D] x2 -> hidden [B,H] (last position), new_key/new_value [S,L,B,KVH,D]."""
-        x, (key, value) = self.stack(inputs_embeds, (past_key, past_value))
-        return self.norm(x[:, -1]), key, value
+    def rope(self, start: torch.Tensor | int, length: torch.Tensor | int) -> tuple[torch.Tensor, ...]:
+        """One rotation matrix per position ([S, D, D], `Rotary.matrices`)."""
+        return (self.rotary.matrices(*self.rotary(start, length)),)
 
 
 class MLABackbone(Backbone):
-    cache_names = ("latent",)
+    cache_kinds = ("latent",)
 
     def __init__(self, cfg: BackboneConfig, absorbed: bool = True) -> None:
         layers = [DecoderLayer(cfg, MLAAttention(cfg, absorbed)) for _ in range(cfg.num_layers)]
@@ -139,11 +157,6 @@ class MLABackbone(Backbone):
 
     def cache_entry_shape(self) -> tuple[int, ...]:
         return (self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim,)
-
-    def forward(self, inputs_embeds: torch.Tensor, past_latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B,S,H], [P,L,B,R+rope] -> hidden [B,H] (last position), new_latent [S,L,B,R+rope]."""
-        x, (latent,) = self.stack(inputs_embeds, (past_latent,))
-        return self.norm(x[:, -1]), latent
 
 
 def build_backbone(cfg: BackboneConfig, absorbed: bool = True) -> Backbone:

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qinyu_edge.runtime.kv_cache import NULL_ROWS
+
 
 class RMSNorm(nn.Module):
     """RMSNorm over the last axis, computed in float32 and cast back before the weight, as the
@@ -22,10 +24,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+        """`gain` multiplies the weight (a constant the exporter folds into it), e.g. the attention
+        scale, so the scaled result costs no extra op."""
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        weight = self.weight if gain == 1.0 else self.weight * gain
+        return weight * xf.to(x.dtype)
+
+
+def fused_linear(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """`x` through several bias-free linears that share it.
+
+    In an ONNX export they become one MatMul over the concatenated weights (folded to one constant)
+    and a Split: one parallel section per step instead of several, which is what a decode step of
+    one-row products pays for. Eager PyTorch runs them apart: concatenating there would copy the
+    weights on every call.
+    """
+    if torch.onnx.is_in_onnx_export():
+        sizes = [lin.out_features for lin in linears]
+        return F.linear(x, torch.cat([lin.weight for lin in linears])).split(sizes, dim=-1)
+    return tuple(lin(x) for lin in linears)
 
 
 class SwiGLU(nn.Module):
@@ -38,7 +57,8 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = fused_linear(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Rotary(nn.Module):
@@ -51,6 +71,13 @@ class Rotary(nn.Module):
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # rotate_half as a matrix (x @ rot == cat(-x[half:], x[:half])), for `matrices`.
+        half = dim // 2
+        rot = torch.zeros(dim, dim)
+        rot[half:, :half] = -torch.eye(half)
+        rot[:half, half:] = torch.eye(half)
+        self.register_buffer("rot", rot, persistent=False)
+        self.register_buffer("eye", torch.eye(dim), persistent=False)
 
     def forward(self, start: torch.Tensor | int, length: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
         """Both [length, dim] in float32; angles in float32 like the official rotary module."""
@@ -59,9 +86,17 @@ class Rotary(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
+    def matrices(self, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The rotation of each position as one matrix: x @ m == x * cos + rotate_half(x) * sin,
+        [length, dim, dim] in float32. Built once per graph; in each layer one small matmul per
+        tensor then replaces rotate-half's slices, negation and concat and the three elementwise
+        ops, which in a decode step cost more in per-op overhead than in arithmetic."""
+        return self.eye * cos[:, None, :] + self.rot * sin[:, None, :]
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+
+def rotate_half(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """`dim` is x's last size as a Python int: constant slice bounds, no shape ops in the graph."""
+    half = dim // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
@@ -75,13 +110,26 @@ def deinterleave(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """x: [..., S, (heads,) D] with cos/sin already broadcastable to it. Math in x's dtype, like
-    the official code (its cos/sin are cast to the activation dtype first)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, dim: int) -> torch.Tensor:
+    """x: [..., S, (heads,) dim] with cos/sin already broadcastable to it; `dim` as a Python int.
+    Math in x's dtype, like the official code (its cos/sin are cast to the activation dtype first)."""
     if interleaved:
         x = deinterleave(x)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    return x * cos + rotate_half(x, dim) * sin
+
+
+def attention_mask(past_rows: torch.Tensor | int, seq: torch.Tensor | int, device: torch.device | None = None
+                   ) -> torch.Tensor:
+    """Which of the joined [past rows | new block] columns each new position sees: bool [S, N + P + S].
+
+    Every past position (not the N = NULL_ROWS null rows) and the new block causally. Built once per
+    graph; each layer's attention only reads it, and takes S and P from its shape, so the per-layer
+    shape arithmetic is identical across layers and ONNX Runtime merges it into one copy.
+    """
+    cols = torch.arange(past_rows + seq, device=device)[None, :]
+    rows = torch.arange(seq, device=device)[:, None]
+    return (cols >= NULL_ROWS) & (cols <= rows + past_rows)
 
 
 def cached_attention(
@@ -90,30 +138,34 @@ def cached_attention(
     past_v: torch.Tensor,
     new_k: torch.Tensor,
     new_v: torch.Tensor,
-    scale: float,
+    mask: torch.Tensor,
 ) -> torch.Tensor:
     """Causal attention of a new block over a time-major cache plus itself, without joining K/V.
 
-    q:      [B, KVH, G, S, Dk]  (query head kvh*G + g reads kv head kvh: GQA without repeat_kv)
-    past_k: [P, B, KVH, Dk]     past_v: [P, B, KVH, Dv]   (P may be 0)
+    q:      [B, KVH, G, S, Dk]  (query head kvh*G + g reads kv head kvh: GQA without repeat_kv),
+            already scaled by 1/sqrt(Dk) (fold the scale upstream, e.g. into a norm weight)
+    past_k: [N + P, B, KVH, Dk] past_v: [N + P, B, KVH, Dv]  (N = NULL_ROWS masked rows, P >= 0)
     new_k:  [S, B, KVH, Dk]     new_v:  [S, B, KVH, Dv]
+    mask:   [S, N + P + S] from `attention_mask`
     returns [B, KVH, G, S, Dv]
 
-    The new block's positions follow the past ones, so every past position is visible and the new
-    block is causal within itself (a boolean `where`, never an additive finfo.min mask, which
-    overflows in fp16). Softmax runs in float32 over the joined scores, as the official eager path.
+    A boolean `where`, never an additive finfo.min mask (which overflows in fp16). Softmax runs in
+    float32 over the joined scores, as the official eager path.
+
+    The cache is only ever read through `permute`s that move its time axis next to the matrix
+    dims, which ONNX Runtime fuses into FusedMatMul (transBatchB): the matmuls read the cache in
+    place, with no transposed copy. Each kv head is one unit-size batch dim broadcast over the G
+    query heads, so a decode step (S = 1) is a one-row product per head, and with no scale on the
+    matmul MLAS runs those as GEMV kernels straight over the strided cache.
     """
-    b, kvh, g, s, dk = q.shape
-    p = past_k.shape[0]
-    # Scale q, not the scores: fewer multiplies and smaller partial sums in fp16.
-    qf = (q * scale).reshape(b, kvh, -1, dk)  # rows g*S + i
-    scores_past = torch.matmul(qf, past_k.permute(1, 2, 3, 0))  # [B, KVH, G*S, P]
-    scores_new = torch.matmul(qf, new_k.permute(1, 2, 3, 0))  # [B, KVH, G*S, S]
-    idx = torch.arange(s, device=q.device)
-    causal = (idx[:, None] >= idx[None, :]).repeat(g, 1)  # [G*S, S]
-    scores_new = torch.where(causal, scores_new, torch.tensor(float("-inf"), dtype=scores_new.dtype))
-    probs = torch.softmax(torch.cat((scores_past, scores_new), dim=-1).float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probs[..., :p], past_v.permute(1, 2, 0, 3)) + torch.matmul(
-        probs[..., p:], new_v.permute(1, 2, 0, 3)
+    p = mask.shape[1] - mask.shape[0]
+    # [T, B, KVH, D] -> [T, B, KVH, 1, D]: time-major, one kv head per broadcast batch entry.
+    pk, pv, nk, nv = (t.unsqueeze(3) for t in (past_k, past_v, new_k, new_v))
+    scores = torch.cat(
+        (torch.matmul(q, pk.permute(1, 2, 3, 4, 0)), torch.matmul(q, nk.permute(1, 2, 3, 4, 0))), dim=-1
+    )  # [B, KVH, G, S, N + P + S]
+    scores = torch.where(mask, scores, torch.tensor(float("-inf"), dtype=scores.dtype))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs[..., :p], pv.permute(1, 2, 3, 0, 4)) + torch.matmul(
+        probs[..., p:], nv.permute(1, 2, 3, 0, 4)
     )
-    return out.reshape(b, kvh, g, s, -1)

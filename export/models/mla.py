@@ -52,23 +52,27 @@ class MLAAttention(nn.Module):
         self.o_proj = nn.Linear(nh * cfg.v_head_dim, h, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: tuple[torch.Tensor, ...]
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], past: tuple[torch.Tensor, ...], mask: torch.Tensor
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """x [B,S,H]; cos/sin [S,rope_dim]; past = (latent `[P,B,R+rope]`,) -> (out, (latent `[S,B,R+rope]`,))."""
+        """x [B,S,H]; rope = (cos, sin) [S,rope_dim]; past = (latent `[N+P,B,R+rope]`,); mask from
+        `attention_mask` -> (out, (latent `[S,B,R+rope]`,))."""
+        cos, sin = rope
         b, s, _ = x.shape
         r = self.kv_lora_rank
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        # The softmax scale rides on the q_a norm's weight (q is linear in it): no scale on the
+        # score matmuls (see cached_attention).
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x), self.scale))
         q = q.reshape(b, s, self.num_heads, self.nope_dim + self.rope_dim)
         q_nope = q[..., : self.nope_dim]
-        q_rope = apply_rope(q[..., self.nope_dim :], cos[:, None, :], sin[:, None, :], self.interleaved)
+        q_rope = apply_rope(q[..., self.nope_dim :], cos[:, None, :], sin[:, None, :], self.interleaved, self.rope_dim)
         ckv = self.kv_a_proj_with_mqa(x)
         latent = self.kv_a_layernorm(ckv[..., :r])
-        k_rope = apply_rope(ckv[..., r:], cos, sin, self.interleaved)
+        k_rope = apply_rope(ckv[..., r:], cos, sin, self.interleaved, self.rope_dim)
         new = torch.cat((latent, k_rope), dim=-1).transpose(0, 1)  # [S,B,R+rope]
         if self.absorbed:
-            out = self._absorbed(q_nope, q_rope, past[0], new)
+            out = self._absorbed(q_nope, q_rope, past[0], new, mask)
         else:
-            out = self._expanded(q_nope, q_rope, past[0], new)
+            out = self._expanded(q_nope, q_rope, past[0], new, mask)
         return self.o_proj(out), (new,)
 
     def _split_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +81,7 @@ class MLAAttention(nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
     def _absorbed(
-        self, q_nope: torch.Tensor, q_rope: torch.Tensor, past: torch.Tensor, new: torch.Tensor
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, past: torch.Tensor, new: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         b, s = q_nope.shape[:2]
         w_uk, w_uv = self._split_kv_b()
@@ -86,7 +90,7 @@ class MLAAttention(nn.Module):
         past_c, new_c = past.unsqueeze(2), new.unsqueeze(2)  # one shared kv head
         # The whole cached vector serves as the value; its rope-key tail is dropped from the small
         # result instead of slicing (copying) the cache.
-        o = cached_attention(q_cat, past_c, past_c, new_c, new_c, self.scale)[:, 0, :, :, : self.kv_lora_rank]
+        o = cached_attention(q_cat, past_c, past_c, new_c, new_c, mask)[:, 0, :, :, : self.kv_lora_rank]
         out = torch.matmul(o, w_uv.transpose(1, 2))  # [B,heads,S,v]
         return out.transpose(1, 2).reshape(b, s, self.num_heads * self.v_dim)
 
@@ -98,11 +102,11 @@ class MLAAttention(nn.Module):
         return torch.cat((kv[..., : self.nope_dim], k_rope), dim=-1), kv[..., self.nope_dim :]
 
     def _expanded(
-        self, q_nope: torch.Tensor, q_rope: torch.Tensor, past: torch.Tensor, new: torch.Tensor
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, past: torch.Tensor, new: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         b, s = q_nope.shape[:2]
         q = torch.cat((q_nope, q_rope), dim=-1).permute(0, 2, 1, 3).unsqueeze(2)  # [B,heads,1,S,qk]
         past_k, past_v = self._expand(past)
         new_k, new_v = self._expand(new)
-        out = cached_attention(q, past_k, past_v, new_k, new_v, self.scale)  # [B,heads,1,S,v]
+        out = cached_attention(q, past_k, past_v, new_k, new_v, mask)  # [B,heads,1,S,v]
         return out[:, :, 0].transpose(1, 2).reshape(b, s, self.num_heads * self.v_dim)

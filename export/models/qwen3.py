@@ -6,14 +6,14 @@ import torch
 from torch import nn
 
 from qinyu_edge.config import BackboneConfig
-from qinyu_edge.export.models.layers import RMSNorm, apply_rope, cached_attention
+from qinyu_edge.export.models.layers import RMSNorm, cached_attention, fused_linear
 
 
 class Qwen3Attention(nn.Module):
     """Submodule names equal the checkpoint's `self_attn.*` keys.
 
-    Cache per layer: key and value, each `[P, B, kv_heads, head_dim]`; the key is stored normed and
-    roped, exactly what the official DynamicCache holds.
+    Cache per layer: key and value, each `[NULL_ROWS + P, B, kv_heads, head_dim]`; the key is stored
+    normed and roped, exactly what the official DynamicCache holds.
     """
 
     def __init__(self, cfg: BackboneConfig) -> None:
@@ -31,18 +31,22 @@ class Qwen3Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: tuple[torch.Tensor, ...]
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, ...], past: tuple[torch.Tensor, ...], mask: torch.Tensor
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """x [B,S,H]; cos/sin [S,head_dim]; past = (key, value) `[P,B,KVH,D]` -> (out, (key, value) `[S,B,KVH,D]`)."""
-        b, s, _ = x.shape
+        """x [B,S,H]; rope = (rotation matrices [S,D,D],) (`Rotary.matrices`); past = (key, value)
+        `[N+P,B,KVH,D]`; mask from `attention_mask` -> (out, (key, value) `[S,B,KVH,D]`)."""
+        # Reshapes take S from the shared mask and infer B: the same shape tensors in every layer.
+        s = mask.shape[0]
         kvh, d = self.num_kv_heads, self.head_dim
         g = self.num_heads // kvh
-        cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads of [B,S,heads,D]
-        q = apply_rope(self.q_norm(self.q_proj(x).reshape(b, s, self.num_heads, d)), cos, sin, False)
-        k = apply_rope(self.k_norm(self.k_proj(x).reshape(b, s, kvh, d)), cos, sin, False)
-        v = self.v_proj(x).reshape(b, s, kvh, d)
-        q = q.reshape(b, s, kvh, g, d).permute(0, 2, 3, 1, 4)  # [B,KVH,G,S,D]
-        k, v = k.transpose(0, 1), v.transpose(0, 1)  # time-major [S,B,KVH,D]
-        out = cached_attention(q, past[0], past[1], k, v, self.scale)  # [B,KVH,G,S,D]
-        out = out.permute(0, 3, 1, 2, 4).reshape(b, s, self.num_heads * d)
-        return self.o_proj(out), (k, v)
+        # The softmax scale rides on the q norm's weight (RoPE is linear), so the score matmuls
+        # carry no scale (see cached_attention).
+        q, k, v = fused_linear(x, self.q_proj, self.k_proj, self.v_proj)
+        rot = rope[0].to(x.dtype)
+        # [B,S,KVH,G,D] @ [1,S,1,D,D]: each position's heads times that position's rotation.
+        q = torch.matmul(self.q_norm(q.reshape(-1, s, kvh, g, d), self.scale), rot[None, :, None])
+        q = q.permute(0, 2, 3, 1, 4)  # [B,KVH,G,S,D]
+        k = torch.matmul(self.k_norm(k.reshape(-1, s, kvh, d)), rot[None]).transpose(0, 1)  # time-major [S,B,KVH,D]
+        v = v.reshape(-1, s, kvh, d).transpose(0, 1)
+        out = cached_attention(q, past[0], past[1], k, v, mask)  # [B,KVH,G,S,D]
+        return self.o_proj(out.permute(0, 3, 1, 2, 4).reshape(-1, s, self.num_heads * d)), (k, v)

@@ -12,6 +12,7 @@ from qinyu_edge.cli import main
 from qinyu_edge.errors import BundleError
 from qinyu_edge.export.bundle_export import export_bundle
 from qinyu_edge.export.qinyu_checkpoint import load_preset
+from qinyu_edge.runtime.kv_cache import NULL_ROWS
 
 COMPONENTS = {"encoder", "audio_projector", "speaker_projector", "embedding", "backbone",
               "heads_logits", "heads_greedy", "xy_decoder", "campplus"}
@@ -49,13 +50,17 @@ def test_backbone_cache_signature(exported):
     b = bundle.config.backbone
     spec = bundle.components["backbone"]
     shapes = {t.name: t.shape for t in spec.inputs + spec.outputs}
-    if b.is_mla:
-        assert shapes["past_latent"] == ("past", b.num_layers, 1, b.kv_lora_rank + b.qk_rope_head_dim)
-        assert shapes["new_latent"][0] == "seq"
-    else:
-        assert shapes["past_key"] == ("past", b.num_layers, 1, b.num_key_value_heads, b.head_dim)
+    kinds = ("latent",) if b.is_mla else ("key", "value")
+    entry = (b.kv_lora_rank + b.qk_rope_head_dim,) if b.is_mla else (b.num_key_value_heads, b.head_dim)
+    # One time-major tensor per layer and kind, in layer order, each with a new-positions output.
+    past = [f"past_{k}_{i}" for i in range(b.num_layers) for k in kinds]
+    assert [t.name for t in spec.inputs] == ["inputs_embeds", *past]
+    for n in past:
+        assert shapes[n] == ("past", 1, *entry)
+        assert shapes["new_" + n.removeprefix("past_")] == ("seq", 1, *entry)
     assert shapes["hidden"] == (1, b.hidden_size)
-    assert spec.shape_ranges["past"][0] == 0  # prefill runs the same graph with an empty past
+    # Prefill runs the same graph with only the null row as its past.
+    assert spec.shape_ranges["past"][0] == NULL_ROWS
 
 
 def test_tampered_file_is_refused(exported, tmp_path):
@@ -86,6 +91,10 @@ def test_newer_format_is_refused(exported, tmp_path):
     d["format_version"] = FORMAT_VERSION + 1
     (copy / MANIFEST).write_text(json.dumps(d))
     with pytest.raises(BundleError, match="Upgrade qinyu-edge"):
+        load_bundle(copy)
+    d["format_version"] = FORMAT_VERSION - 1
+    (copy / MANIFEST).write_text(json.dumps(d))
+    with pytest.raises(BundleError, match="Export the bundle again"):
         load_bundle(copy)
 
 

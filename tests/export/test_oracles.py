@@ -15,6 +15,7 @@ import torch
 
 from qinyu_edge.config import TINY_MLA, TINY_QWEN3, BackboneConfig
 from qinyu_edge.export.models.backbone import Backbone, build_backbone
+from qinyu_edge.runtime.kv_cache import NULL_ROWS
 
 transformers = pytest.importorskip("transformers")
 
@@ -80,7 +81,7 @@ def mla_pair(absorbed: bool):
 def incremental(ours: Backbone, embeds: torch.Tensor, prefill: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Prefill `prefill` positions, then one position per call; last hidden of each call and the
     grown caches."""
-    caches = tuple(torch.zeros(ours.cache_shape(0, embeds.shape[0])) for _ in ours.cache_names)
+    caches = ours.empty_cache(embeds.shape[0])
     hiddens = []
     for start, stop in [(0, prefill)] + [(t, t + 1) for t in range(prefill, embeds.shape[1])]:
         hidden, *news = ours(embeds[:, start:stop], *caches)
@@ -106,12 +107,14 @@ def test_qwen3_incremental_matches_transformers_cache():
     prefill = 5
     with torch.no_grad():
         ref = hf.model(inputs_embeds=embeds, use_cache=True)
-        got, (key, value) = incremental(ours, embeds, prefill)
+        got, caches = incremental(ours, embeds, prefill)
     assert rel(got, ref.last_hidden_state[:, prefill - 1 :]) < TOL
-    # Same cache contents as HF's DynamicCache (normed, roped keys): [B,KVH,T,D] vs our [T,L,B,KVH,D].
+    # Same cache contents as HF's DynamicCache (normed, roped keys): [B,KVH,T,D] vs our per-layer
+    # [NULL_ROWS+T,B,KVH,D].
     for i, layer in enumerate(ref.past_key_values.layers):
-        assert rel(key[:, i].permute(1, 2, 0, 3), layer.keys) < TOL
-        assert rel(value[:, i].permute(1, 2, 0, 3), layer.values) < TOL
+        key, value = (c[NULL_ROWS:] for c in caches[2 * i : 2 * i + 2])
+        assert rel(key.permute(1, 2, 0, 3), layer.keys) < TOL
+        assert rel(value.permute(1, 2, 0, 3), layer.values) < TOL
 
 
 @pytest.mark.parametrize("absorbed", [True, False])
@@ -132,11 +135,11 @@ def test_mla_incremental_matches_deepseek_v3_cache(absorbed: bool):
     prefill = 4
     with torch.no_grad():
         ref = hf.model(inputs_embeds=embeds, use_cache=True)
-        got, (latent,) = incremental(ours, embeds, prefill)
+        got, caches = incremental(ours, embeds, prefill)
     assert rel(got, ref.last_hidden_state[:, prefill - 1 :]) < TOL
     # transformers caches the same two tensors: normed latent [B,1,T,R] and roped rope key [B,1,T,rope].
     for i, layer in enumerate(ref.past_key_values.layers):
-        lat = latent[:, i].transpose(0, 1)  # [B,T,R+rope]
+        lat = caches[i][NULL_ROWS:].transpose(0, 1)  # [B,T,R+rope]
         assert rel(lat[..., : cfg.kv_lora_rank], layer.keys[:, 0]) < TOL
         assert rel(lat[..., cfg.kv_lora_rank :], layer.values[:, 0]) < TOL
 

@@ -67,12 +67,12 @@ def test_new_positions_land_in_the_cache_slot(engine):
     gen.prefill(emb)
     n = emb.shape[1]
     assert cache.pos == n
-    before = [b[: n].copy() for b in cache.buffers]
+    before = [b[:n].copy() for b in cache.positions]
     x = np.ones((1, 1, eng.config.backbone.hidden_size), np.float32)
     spec_inputs = {"inputs_embeds": x, **cache.past()}
     plain = eng.sessions["backbone"].run(spec_inputs)
     gen._forward(x)
-    for name, buf, old in zip(cache.names_out, cache.buffers, before):
+    for name, buf, old in zip(cache.names_out, cache.positions, before):
         np.testing.assert_array_equal(buf[:n], old)  # the past is untouched
         np.testing.assert_allclose(buf[n : n + 1], plain[name], rtol=1e-6, atol=1e-6)
 

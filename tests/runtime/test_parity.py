@@ -88,3 +88,15 @@ def test_three_turn_conversation(both, speech):
     # Each later prompt carries the earlier clips again and the earlier replies as text.
     assert [len(r.prompt.audio_slots) for r in ours] == [1, 2, 3]
     assert len(ours[2].prompt.ids) > len(ours[1].prompt.ids) > len(ours[0].prompt.ids)
+
+
+def test_long_clip_speaker_vector_is_the_mean_over_chunks(both):
+    """A 25 s clip is three 10 s chunks, embedded in one call and averaged, as upstream."""
+    from qinyu_edge.export.speaker_checkpoint import campplus_embedding
+
+    engine, model = both
+    rng = np.random.default_rng(0)
+    wav = (0.1 * rng.standard_normal(25 * 16000)).astype(np.float32)
+    ours = engine.speaker_vector(wav)
+    ref = campplus_embedding(model.campplus, wav)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
