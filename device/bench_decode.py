@@ -218,8 +218,9 @@ def load_ours(shape: BenchShape, checkpoint: Path) -> OurModules:
 def _graph_fingerprint() -> str:
     """Hash of the modules our graphs are traced from, so a code change re-exports."""
     from qinyu_edge.export.models import backbone, heads, layers, qwen3
+    from qinyu_edge.runtime import kv_cache
 
-    src = "".join(inspect.getsource(m) for m in (backbone, heads, layers, qwen3))
+    src = "".join(inspect.getsource(m) for m in (backbone, heads, layers, qwen3, kv_cache))
     return hashlib.sha256(src.encode()).hexdigest()[:12]
 
 
@@ -258,9 +259,12 @@ def export_ours(mods: OurModules, out: Path) -> dict[str, Path]:
 
 def backbone_spec(backbone: Any) -> ComponentSpec:
     """The backbone's ComponentSpec as the bundle export writes it (for `KVCache.for_backbone`)."""
+    import torch
+
     sig = backbone.signature()
     args = backbone.example_inputs(1, 1)
-    outs = backbone(*args)
+    with torch.inference_mode():
+        outs = backbone(*args)
     dyn = {n: {0: "past"} for n in sig.input_names[1:]} | {n: {0: "seq"} for n in sig.output_names[1:]}
 
     def specs(names: tuple[str, ...], tensors: Any) -> tuple[TensorSpec, ...]:

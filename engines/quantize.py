@@ -44,12 +44,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qinyu_edge.bundle import Bundle, ComponentSpec, file_entries, load_bundle, write_manifest
+from qinyu_edge.bundle import (
+    Bundle,
+    ComponentSpec,
+    file_entries,
+    load_bundle,
+    write_manifest,
+)
 from qinyu_edge.errors import QinyuError
+from qinyu_edge.fileio import replace_dir
 
 if TYPE_CHECKING:
     import onnx
-
     from qinyu_edge.device.targets import Target
 
     from .calibration import CalibrationSet
@@ -706,13 +712,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         bundle = dataclasses.replace(src, root=tmp, components=specs, files=file_entries(tmp, files), origin=origin,
                                      opset=max([src.opset, *opsets]))
         write_manifest(bundle)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
         return dataclasses.replace(bundle, root=out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,15 +19,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from qinyu_edge.runtime.kv_cache import NULL_ROWS
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from safetensors.numpy import save_file as save_numpy
 
 import qinyu_edge
-from qinyu_edge.bundle import FORMAT_VERSION, Bundle, ComponentSpec, TensorSpec, file_entries, write_manifest
+from qinyu_edge.bundle import (
+    FORMAT_VERSION,
+    Bundle,
+    ComponentSpec,
+    TensorSpec,
+    file_entries,
+    write_manifest,
+)
 from qinyu_edge.errors import QinyuError
-from qinyu_edge.runtime.kv_cache import NULL_ROWS
+from qinyu_edge.fileio import replace_dir
 
 from .models.heads import HeadsGreedy, HeadsLogits
 from .onnx_io import OPSET, compare, export_onnx, run_onnx
@@ -289,13 +297,7 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
                 f"ONNX parity failed for {', '.join(failed)} (worst rel {worst:.2e} > {PARITY_TOLERANCE:g}); "
                 "the bundle was not written. This is a bug in the export: please report it with parity.json."
             )
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        replace_dir(tmp, out)
         return bundle
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

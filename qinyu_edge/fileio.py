@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,6 +44,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
         f.flush()
         os.fsync(f.fileno())
     return Path(path)
+
+
+def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Move a finished folder onto `out`, replacing what is there in two renames (never half of each)."""
+    tmp, out = Path(tmp), Path(out)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -46,6 +46,12 @@ class CopyStats:
         self.busy_ms = 0.0
 
 
+def check_inputs(session: "Session", inputs: Mapping[str, np.ndarray]) -> None:
+    missing = [n for n in session.input_names if n not in inputs]
+    if missing:
+        raise BackendError(f"{session.name}: inputs {missing} not given (it takes {list(session.input_names)})")
+
+
 class Session(Protocol):
     name: str
     input_names: tuple[str, ...]
@@ -93,14 +99,13 @@ class OrtSession:
         self.output_names = tuple(o.name for o in self._sess.get_outputs())
         self._device = "cuda" if provider in ("cuda", "tensorrt") else "cpu"
         self._io = self._sess.io_binding()
+        self._wrap = ort.OrtValue.ortvalue_from_numpy
         self._bound: dict[str, np.ndarray] = {}
         self.stats = CopyStats()
 
     def run(self, inputs: Mapping[str, np.ndarray], into: Mapping[str, np.ndarray] | None = None
             ) -> dict[str, np.ndarray]:
-        missing = [n for n in self.input_names if n not in inputs]
-        if missing:
-            raise BackendError(f"{self.name}: inputs {missing} not given (it takes {list(self.input_names)})")
+        check_inputs(self, inputs)
         into = into or {}
         self.stats.calls += 1
         if self._device == "cpu":
@@ -138,7 +143,8 @@ class OrtSession:
             elif bound.get(n) is not dst:
                 if not dst.flags.c_contiguous:
                     raise BackendError(f"{self.name}: the buffer for output {n} must be C-contiguous")
-                io.bind_output(n, "cpu", 0, dst.dtype.type, dst.shape, dst.__array_interface__["data"][0])
+                # An OrtValue over the array (no copy) binds in half the time of a pointer binding.
+                io.bind_ortvalue_output(n, self._wrap(dst))
                 bound[n] = dst
         t0 = time.perf_counter()
         self._sess.run_with_iobinding(io)

@@ -29,10 +29,15 @@ from typing import Any, Mapping
 import numpy as np
 
 from qinyu_edge.engine_manifest import (
-    EngineError, EngineSet, OptimizationProfile, check_machine, check_plan_file, open_plan,
+    EngineError,
+    EngineSet,
+    OptimizationProfile,
+    check_machine,
+    check_plan_file,
+    open_plan,
 )
 
-from .session import BackendError, CopyStats
+from .session import BackendError, CopyStats, check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -333,9 +338,7 @@ class TrtSession:
 
     def run(self, inputs: Mapping[str, np.ndarray], into: Mapping[str, np.ndarray] | None = None
             ) -> dict[str, np.ndarray]:
-        missing = [n for n in self.input_names if n not in inputs]
-        if missing:
-            raise BackendError(f"{self.name}: inputs {missing} not given (it takes {list(self.input_names)})")
+        check_inputs(self, inputs)
         into = into or {}
         self.stats.calls += 1
         t0 = time.perf_counter()
