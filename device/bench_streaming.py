@@ -96,28 +96,6 @@ def table(rows: list[Row], frames: int, whole_ms: float, title: str) -> Table:
     return t
 
 
-def real_size_decoder(folder: Path, seed: int) -> Path:
-    """Export the real-size XY decoder with random weights once; reuse the file afterwards."""
-    path = folder / f"xy_decoder_real_random_seed{seed}.onnx"
-    if path.is_file():
-        return path
-    import torch  # only this option needs it
-    from qinyu_edge.export.models.xy_decoder import XYDecoder
-    from qinyu_edge.export.onnx_io import export_onnx
-
-    from qinyu_edge.config import XYDecoderConfig
-
-    torch.manual_seed(seed)
-    module = XYDecoder(XYDecoderConfig()).eval()
-    with torch.no_grad():
-        for name, buf in module.named_buffers():
-            if name.endswith("codebook"):  # zeros until a checkpoint fills them
-                buf.normal_()
-    log.info("exporting the real-size XY decoder (random weights) to %s", path)
-    codes = torch.randint(0, 1024, (1, 8, 24))
-    return export_onnx(module, (codes,), path, ["codes"], ["wav"], {"codes": {2: "frames"}, "wav": {1: "samples"}})
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m qinyu_edge.device.bench_streaming", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
@@ -141,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.frames <= 375:
         p.error("--frames must be 1..375: the whole-reply reference is one decoder call")
     if args.real_size:
-        path, title = real_size_decoder(args.real_size_dir, args.seed), "real-size XY decoder, random weights"
+        from qinyu_edge.export.random_models import export_real_size_xy  # needs torch (export extra)
+
+        path, title = export_real_size_xy(args.real_size_dir, args.seed), "real-size XY decoder, random weights"
     else:
         path, title = load_bundle(args.bundle).path("xy_decoder"), f"xy_decoder of {args.bundle}"
     session = open_session(path, provider=args.provider, threads=args.threads)

@@ -1,7 +1,7 @@
 """Decode-step benchmark: our ONNX Runtime step against onnxruntime-genai, PyTorch and
 transformers on the same random Qwen3 weights, at several past lengths.
 
-    python -m qinyu_edge.device.bench_decode [--past 64,512,2048] [--steps N] [--threads 2]
+    python -m qinyu_edge.export.bench_decode [--past 64,512,2048] [--steps N] [--threads 2]
 
 Setup (once per shape, cached under the work folder): a random-weight Qwen3 checkpoint folder
 written by transformers (safetensors, plus a small byte-level tokenizer, which is all the genai
@@ -631,7 +631,7 @@ def render(result: BenchResult) -> Table:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m qinyu_edge.device.bench_decode", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m qinyu_edge.export.bench_decode", description=__doc__.split("\n")[0])
     p.add_argument("--past", default="64,512,2048", help="comma-separated past lengths")
     p.add_argument("--steps", type=int, default=24, help="timed steps per contender, past length and round")
     p.add_argument("--rounds", type=int, default=3)

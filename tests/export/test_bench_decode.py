@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from qinyu_edge.device.bench_decode import (
+from qinyu_edge.export.bench_decode import (
     SHAPES,
     BenchOptions,
     OursRunner,
@@ -110,7 +110,7 @@ def test_module_imports_without_torch():
         "        if name.split('.')[0] in ('torch', 'transformers'):\n"
         "            raise ImportError(name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import qinyu_edge.device.bench_decode as b\n"
+        "import qinyu_edge.export.bench_decode as b\n"
         "print(b.SHAPES['qwen3-1024'].weight_bytes())\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
