@@ -12,6 +12,7 @@ import pytest
 import torch
 from qinyu_edge.export.onnx_io import export_onnx
 from qinyu_edge.runtime.delay import DelayUndo
+from test_delay import delayed_reply  # the same well-formed delayed reply the delay tests use
 from qinyu_edge.runtime.session import open_session
 from qinyu_edge.runtime.streaming import (
     ChunkSchedule,
@@ -114,21 +115,11 @@ def upstream_stream(session, steps: np.ndarray) -> list[tuple[int, np.ndarray]]:
     return out
 
 
-def delayed_steps(frames: np.ndarray) -> np.ndarray:
-    n = frames.shape[1]
-    steps = np.zeros((n + 7, 8), dtype=np.int64)
-    for k in range(8):
-        steps[:k, k] = 1024 + np.arange(k)
-        steps[k:k + n, k] = frames[k]
-        steps[k + n:, k] = 1024 + np.arange(k, 7)
-    return steps
-
-
 @pytest.mark.parametrize("n_frames", [150, 136, 21])  # a remainder; none left (136 = 20+16+16+24+24+36); 1 frame
 def test_matches_upstream_chunk_for_chunk(tiny_xy, n_frames):
     """Fed through DelayUndo, the decoder emits the same audio as upstream, chunk for chunk, at the
     same audio step: counting completed frames is upstream's `cached >= decoded + chunk + 7`."""
-    steps = delayed_steps(codes(n_frames, seed=n_frames))
+    steps = delayed_reply(codes(n_frames, seed=n_frames))
     expected = upstream_stream(tiny_xy, steps)
     undo, dec = DelayUndo(), StreamingDecoder(tiny_xy, ChunkSchedule.official())
     got = []
