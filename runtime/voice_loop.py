@@ -271,6 +271,7 @@ class VoiceLoop:
         finally:
             if self._job is not None:
                 self._job.cancel.set()
+                self.sink.flush()  # a reply thread blocked on a full playback queue returns at once
                 if self._job.thread is not None:
                     self._job.thread.join()
             self.source.close()

@@ -55,8 +55,10 @@ def _torchaudio_module(relpath: str, name: str) -> types.ModuleType:
     ext._IS_TORCHAUDIO_EXT_AVAILABLE = False
     functional = types.ModuleType("torchaudio.functional")
     functional.__path__ = [str(root / "functional")]
-    stubs = {"torchaudio": types.ModuleType("torchaudio"), "torchaudio._extension": ext, "torchaudio.functional": functional}
-    touched = list(stubs) + ["torchaudio.functional.filtering", name]
+    package = types.ModuleType("torchaudio")
+    package.__path__ = [str(root)]  # submodules load from the wheel; its __init__ (which loads the C extension) does not run
+    stubs = {"torchaudio": package, "torchaudio._extension": ext, "torchaudio.functional": functional}
+    touched = list(stubs) + ["torchaudio.functional.filtering", "torchaudio._internal", "torchaudio._internal.module_utils", name]
     saved = {k: sys.modules.get(k) for k in touched}
     sys.modules.update(stubs)
     try:

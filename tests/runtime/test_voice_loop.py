@@ -129,13 +129,16 @@ def test_portaudio_loop_on_a_virtual_sound_card(sound_card, tmp_path, engine, vo
     loop = VoiceLoop(conv, DeviceSource(cfg), DeviceSink(cfg), TurnDetector(VadConfig(), TurnConfig(kind="silence")))
     try:
         def speak_then_stop():
-            time.sleep(0.5)
-            sound_card.play_into_mic(wav)
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not any(isinstance(e, TurnRecord) for e in loop.events):
-                time.sleep(0.1)
-            time.sleep(0.5)
-            loop.stop()
+            # The loop only ends on stop(): it must be stopped even when playing the speech fails.
+            try:
+                time.sleep(0.5)
+                sound_card.play_into_mic(wav)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and not any(isinstance(e, TurnRecord) for e in loop.events):
+                    time.sleep(0.1)
+                time.sleep(0.5)
+            finally:
+                loop.stop()
 
         t = threading.Thread(target=speak_then_stop)
         t.start()
