@@ -25,7 +25,10 @@ pip_q -e ".[${EXTRAS}]" "torch==2.13.0"
 # The VAD and Smart Turn models ship inside these wheels; their declared dependencies (torch,
 # protobuf and soundfile pins) are not needed to read an ONNX file, so they are left out.
 pip_q --no-deps "silero-vad==6.2.3" "pipecat-ai==1.14.0"
-# The frontend tests' oracle is torchaudio's own kaldi fbank and resampler, pure torch source files that
-# the tests load on their own: the wheel's C extension (built for another torch) is never imported.
-pip_q --no-deps "torchaudio==2.9.1"
+# The frontend tests' oracle is torchaudio's own kaldi fbank and resampler: pure torch source files the
+# tests read from the wheel. Downloaded, never installed: its C extension is built for another torch,
+# and a broken but importable torchaudio breaks transformers.
+if ! compgen -G ".oracles/torchaudio-2.9.1-*.whl" >/dev/null; then
+  python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: "torchaudio==2.9.1" -d .oracles
+fi
 python3 -c "import qinyu_edge.export, qinyu_edge.runtime, qinyu_edge.engines, qinyu_edge.device" 

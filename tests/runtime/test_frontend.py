@@ -12,6 +12,7 @@ import pathlib
 import subprocess
 import sys
 import types
+import zipfile
 
 import numpy as np
 import pytest
@@ -40,23 +41,35 @@ def identity_frontend(config: FrontendConfig | None = None) -> SenseVoiceFronten
 # --- oracles -----------------------------------------------------------------------------------
 
 
-def _torchaudio_module(relpath: str, name: str) -> types.ModuleType:
-    """A torchaudio source module loaded on its own.
+ORACLE_DIR = pathlib.Path(__file__).resolve().parents[2] / ".oracles"
 
-    The PyPI torchaudio wheel's C extension is built for a specific torch + CUDA and fails to load
-    next to a CPU torch of another version, which breaks `import torchaudio`. The fbank and resample
-    code is pure torch, so the module file is executed with placeholder parent packages instead.
+
+@pytest.fixture(scope="session")
+def torchaudio_source(tmp_path_factory) -> pathlib.Path:
+    """torchaudio's Python sources, unpacked from the wheel `scripts/setup.sh` downloads to `.oracles/`.
+
+    The wheel is never installed: its C extension is built for another torch, and an importable but
+    broken `torchaudio` would break transformers (which imports it when present). The fbank and
+    resample code is pure torch, so those module files run on their own (see `_torchaudio_module`).
     """
-    spec = importlib.util.find_spec("torchaudio")
-    if spec is None or spec.origin is None:
-        pytest.skip("torchaudio is not installed")
-    root = pathlib.Path(spec.origin).parent
+    wheels = sorted(ORACLE_DIR.glob("torchaudio-*.whl"))
+    if not wheels:
+        pytest.skip(f"no torchaudio wheel in {ORACLE_DIR}; `bash scripts/setup.sh` downloads it")
+    out = tmp_path_factory.mktemp("torchaudio_oracle")
+    with zipfile.ZipFile(wheels[-1]) as z:
+        z.extractall(out, [n for n in z.namelist() if n.startswith("torchaudio/") and n.endswith(".py")])
+    return out / "torchaudio"
+
+
+def _torchaudio_module(root: pathlib.Path, relpath: str, name: str) -> types.ModuleType:
+    """One torchaudio source module, executed under placeholder parents: the package's own
+    `__init__` (which loads the C extension) never runs."""
     ext = types.ModuleType("torchaudio._extension")
     ext._IS_TORCHAUDIO_EXT_AVAILABLE = False
     functional = types.ModuleType("torchaudio.functional")
     functional.__path__ = [str(root / "functional")]
     package = types.ModuleType("torchaudio")
-    package.__path__ = [str(root)]  # submodules load from the wheel; its __init__ (which loads the C extension) does not run
+    package.__path__ = [str(root)]  # other submodules (torchaudio._internal) load from the sources
     stubs = {"torchaudio": package, "torchaudio._extension": ext, "torchaudio.functional": functional}
     touched = list(stubs) + ["torchaudio.functional.filtering", "torchaudio._internal", "torchaudio._internal.module_utils", name]
     saved = {k: sys.modules.get(k) for k in touched}
@@ -76,13 +89,13 @@ def _torchaudio_module(relpath: str, name: str) -> types.ModuleType:
 
 
 @pytest.fixture(scope="module")
-def ta_kaldi() -> types.ModuleType:
-    return _torchaudio_module("compliance/kaldi.py", "_oracle_torchaudio_kaldi")
+def ta_kaldi(torchaudio_source) -> types.ModuleType:
+    return _torchaudio_module(torchaudio_source, "compliance/kaldi.py", "_oracle_torchaudio_kaldi")
 
 
 @pytest.fixture(scope="module")
-def ta_functional() -> types.ModuleType:
-    return _torchaudio_module("functional/functional.py", "torchaudio.functional.functional")
+def ta_functional(torchaudio_source) -> types.ModuleType:
+    return _torchaudio_module(torchaudio_source, "functional/functional.py", "torchaudio.functional.functional")
 
 
 def reference_fbank(wav: np.ndarray, *, window: str, scale: float, frame_len: int = 400, shift: int = 160,
