@@ -214,12 +214,10 @@ Step = tuple[str, str, Callable[[], None]]  # (label, section, measure)
 class Bench:
     """One benchmark run over a bundle. `run()` returns the JSON document (complete or partial)."""
 
-    def __init__(self, bundle_dir: str | os.PathLike, engine_options: Any, options: BenchOptions = BenchOptions(),
-                 engines_dir: Path | None = None):
+    def __init__(self, bundle_dir: str | os.PathLike, engine_options: Any, options: BenchOptions = BenchOptions()):
         self.bundle_dir = Path(bundle_dir)
         self.engine_options = engine_options
         self.options = options
-        self.engines_dir = engines_dir
         self.bundle = load_bundle(self.bundle_dir)
         self.figures: dict[str, Figure] = {}
         self.measured = 0
@@ -396,7 +394,7 @@ class Bench:
                 "variant": b.config.variant, "preset": b.origin.get("preset"), "exported_with": b.qinyu_edge_version,
                 "opset": b.opset,
             },
-            "engines": None if self.engines_dir is None else str(self.engines_dir),
+            "engines": self.engine_options.engines,
             "precisions": {n: self._dominant(p) for n, p in self.weights.precisions.items()},
             "weight_bytes": self.weights.bytes,
             "weight_bytes_method": self.weights.method,

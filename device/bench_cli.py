@@ -101,7 +101,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not w.is_file():
             raise QinyuError(f"--wav {w}: no such file")
     bench = Bench(args.bundle, EngineOptions(backend=args.backend, provider=args.provider, threads=args.threads,
-                                             context=args.context), options, engines_dir=args.engines)
+                                             context=args.context, engines=str(args.engines) if args.engines else None),
+                  options)
     out = args.out or Path(f"bench-{bench.bundle.config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     err = _console(stderr=True)
     progress = Progress(TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from qinyu_edge.bundle import Bundle, load_bundle
 from qinyu_edge.config import SPEAKER_DIM
+from qinyu_edge.engine_manifest import EngineError, EngineSet
 from qinyu_edge.errors import BundleError, CheckpointError
 
 from .frontend import FrontendConfig, SenseVoiceFrontend, campplus_chunks, campplus_fbank
@@ -32,10 +33,11 @@ TOKENIZER_FILE = "tokenizer.json"
 
 @dataclass(frozen=True)
 class EngineOptions:
-    backend: str = "ort"
+    backend: str = "ort"  # "trt": the plans of `engines`; components without a plan run in ONNX Runtime
     provider: str = "cpu"
     threads: int | None = None
     context: int | None = None  # KV cache capacity; default: the bundle's largest past
+    engines: str | None = None  # engine set folder from `qinyu-edge build` (backend "trt")
 
 
 class Engine:
@@ -46,11 +48,7 @@ class Engine:
         self.config = self.bundle.config
         self.layout = self.bundle.layout
         self.tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
-        self.sessions: dict[str, Session] = {
-            name: open_session(self.bundle.path(name), options.backend, options.provider, options.threads,
-                               spec.ort_disabled_optimizers)
-            for name, spec in self.bundle.components.items()
-        }
+        self.sessions = self._open_sessions()
         host = load_file(str(root / HOST_FILE))
         self.frontend = SenseVoiceFrontend(FrontendConfig.from_sensevoice(self.config.sensevoice),
                                            host["cmvn_shift"], host["cmvn_scale"])
@@ -65,6 +63,34 @@ class Engine:
             self.sessions.get("heads_logits"), self.layout, self.config.backbone.hidden_size, self.cache,
             penalty=self.config.repetition_penalty,
         )
+
+    def _open_sessions(self) -> dict[str, Session]:
+        opts, components = self.options, self.bundle.components
+
+        def onnx(name: str, backend: str = "ort") -> Session:
+            return open_session(self.bundle.path(name), backend, opts.provider, opts.threads,
+                                components[name].ort_disabled_optimizers)
+
+        if opts.backend != "trt":
+            if opts.engines is not None:
+                raise EngineError("engines are TensorRT plans: use them with the trt backend (--backend trt).")
+            return {name: onnx(name, opts.backend) for name in components}
+        if opts.engines is None:
+            raise EngineError("the trt backend runs TensorRT plans: give the engine set folder (--engines DIR) that "
+                              f"`qinyu-edge build --bundle {self.bundle.root}` wrote.")
+        engines = EngineSet.load(opts.engines)
+        sessions: dict[str, Session] = {}
+        for name, spec in components.items():
+            entry = engines.engines.get(name)
+            if entry is None:
+                log.warning("%s: the engine set %s has no plan for it; it runs in ONNX Runtime", name, engines.root)
+                sessions[name] = onnx(name)
+                continue
+            # A plan built from a fallback bundle (another precision) cannot be matched to this bundle's file.
+            own = entry.bundle == engines.bundle
+            sha = self.bundle.files[spec.file].sha256 if own else None
+            sessions[name] = open_session(engines.root / entry.plan_file, "trt", onnx_sha256=sha)
+        return sessions
 
     @property
     def root(self) -> Path:

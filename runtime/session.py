@@ -163,11 +163,12 @@ class OrtSession:
 
 
 def open_session(path: str | os.PathLike, backend: str = "ort", provider: str = "cpu",
-                 threads: int | None = None, disabled_optimizers: tuple[str, ...] = (), spin_us: int = 0) -> Session:
+                 threads: int | None = None, disabled_optimizers: tuple[str, ...] = (), spin_us: int = 0,
+                 onnx_sha256: str | None = None) -> Session:
     if backend == "ort":
         return OrtSession(path, provider, threads, disabled_optimizers, spin_us)
-    if backend == "trt":  # `path` is a .plan of an engine set; its manifest is checked first
+    if backend == "trt":  # `path` is a .plan of an engine set; its manifest (and `onnx_sha256`) is checked first
         from .trt_session import TrtSession
 
-        return TrtSession(path)
+        return TrtSession(path, onnx_sha256)
     raise BackendError(f"unknown backend {backend!r}: choose 'ort' (ONNX files) or 'trt' (plans from `qinyu-edge build`).")

@@ -33,11 +33,12 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", default="official", help="audio chunk schedule: official, low_latency or 8,16,32")
     p.add_argument("--num-history", type=int, default=4, help="turns of history kept (the web demo keeps 4)")
     p.add_argument("--log", type=Path, help="JSONL file with one line of timings per turn")
+    p.add_argument("--engines", type=Path, help="run the TensorRT plans of this engine set (from `qinyu-edge build`)")
 
 
 def _build(args: argparse.Namespace, bundle: Path, source, sink, on_event):
     from .conversation import Conversation
-    from .engine import Engine
+    from .engine import Engine, EngineOptions
     from .streaming import ChunkSchedule
     from .turn import TurnConfig, TurnDetector
     from .vad import VadConfig
@@ -47,7 +48,8 @@ def _build(args: argparse.Namespace, bundle: Path, source, sink, on_event):
         schedule = ChunkSchedule.parse(args.schedule)
     except ValueError as e:
         raise QinyuError(str(e)) from e
-    engine = Engine(bundle)
+    engine = Engine(bundle, EngineOptions(backend="trt" if args.engines else "ort",
+                                          engines=str(args.engines) if args.engines else None))
     mode = "roleplay" if args.role else "conversation"
     conv = Conversation(engine, mode=mode, voice=args.voice, role_description=args.role,
                         num_history=args.num_history, max_new_tokens=args.max_new_tokens, schedule=schedule)

@@ -143,3 +143,38 @@ def test_mirror_bookkeeping():
     assert m.upload(base, 80) == (20, 60)
     assert m.upload(other.ctypes.data, 80) == (0, 80)  # another host array: all of it
     assert m.upload(base, 80) == (0, 80)  # and `a` is no longer mirrored
+
+
+# --- the Engine on an engine set -----------------------------------------------------------
+
+
+def test_engine_runs_the_plans_of_an_engine_set_and_checks_them_against_its_bundle(tmp_path):
+    """Engine(backend="trt") opens each component's plan through its manifest entry, comparing the
+    ONNX sha256 the plan was built from with this bundle's file; no engine set is a clear error."""
+    from qinyu_edge.bundle import load_bundle
+    from qinyu_edge.export.bundle_export import preset_bundle
+    from qinyu_edge.runtime.engine import Engine, EngineOptions
+
+    bundle = preset_bundle("tiny-8b")
+    with pytest.raises(EngineError, match="--engines DIR.*qinyu-edge build --bundle"):
+        Engine(bundle, EngineOptions(backend="trt"), verify=False)
+    with pytest.raises(EngineError, match="trt backend"):
+        Engine(bundle, EngineOptions(engines=str(tmp_path)), verify=False)
+    with pytest.raises(EngineError, match="not an engine set"):
+        Engine(bundle, EngineOptions(backend="trt", engines=str(tmp_path)), verify=False)
+
+    data = plan_blob()
+    root = tmp_path / "engines"
+    root.mkdir()
+    (root / "backbone.plan").write_bytes(data)
+    # Built from another backbone.onnx than this bundle's: refused, naming the file and the rebuild.
+    EngineSet(root, "orin-nano-8", "/data/bundle", {"backbone": entry_for(data)}).write()
+    with pytest.raises(EngineError, match="backbone.onnx changed since the plan was built") as e:
+        Engine(bundle, EngineOptions(backend="trt", engines=str(root)), verify=False)
+    assert "rebuild it: qinyu-edge build" in str(e.value)
+    # Built from this bundle's backbone: the plan passes its checks and TensorRT itself is next.
+    sha = load_bundle(bundle, verify=False).files["backbone.onnx"].sha256
+    EngineSet(root, "orin-nano-8", "/data/bundle", {"backbone": entry_for(data, onnx_sha256=sha)}).write()
+    if not _has_tensorrt():
+        with pytest.raises(TensorRTMissing):
+            Engine(bundle, EngineOptions(backend="trt", engines=str(root)), verify=False)
