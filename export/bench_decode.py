@@ -513,7 +513,7 @@ def step_parity(mods: OurModules, paths: dict[str, Path], past: int = 9, steps: 
     sess = {n: open_session(paths[n], threads=1) for n in OUR_GRAPHS}
     spec = backbone_spec(bb)
     cache = KVCache.for_backbone(spec, past + steps)
-    gen = Generator(sess["embedding"], sess["backbone"], sess["heads_greedy"], sess["heads_logits"], lay,
+    gen = Generator(sess["embedding"], sess["backbone"], sess["heads_greedy"], None, lay,
                     bb.cfg.hidden_size, cache)
     ids = _random_ids(past, bb.cfg.vocab_size, 0).reshape(1, -1, 1)
     res = gen.generate(gen.embed(ids), max_new_tokens=steps)

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 HOST_FILE = "host.safetensors"
 SPEAKERS_FILE = "speakers.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+LAZY_COMPONENT = "heads_logits"  # opened when sampling first needs it
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,11 @@ class Engine:
         self.config = self.bundle.config
         self.layout = self.bundle.layout
         self.tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
-        self.sessions = self._open_sessions()
+        self._engine_set = self._open_engine_set()
+        self.sessions: dict[str, Session] = {}
+        for name in self.bundle.components:
+            if name != LAZY_COMPONENT:
+                self.session(name)
         host = load_file(str(root / HOST_FILE))
         self.frontend = SenseVoiceFrontend(FrontendConfig.from_sensevoice(self.config.sensevoice),
                                            host["cmvn_shift"], host["cmvn_scale"])
@@ -60,37 +65,40 @@ class Engine:
         self.cache = KVCache.for_backbone(spec, capacity)
         self.generator = Generator(
             self.sessions["embedding"], self.sessions["backbone"], self.sessions["heads_greedy"],
-            self.sessions.get("heads_logits"), self.layout, self.config.backbone.hidden_size, self.cache,
+            (lambda: self.session(LAZY_COMPONENT)) if LAZY_COMPONENT in self.bundle.components else None, self.layout, self.config.backbone.hidden_size, self.cache,
             penalty=self.config.repetition_penalty,
         )
 
-    def _open_sessions(self) -> dict[str, Session]:
-        opts, components = self.options, self.bundle.components
-
-        def onnx(name: str, backend: str = "ort") -> Session:
-            return open_session(self.bundle.path(name), backend, opts.provider, opts.threads,
-                                components[name].ort_disabled_optimizers)
-
+    def _open_engine_set(self) -> EngineSet | None:
+        opts = self.options
         if opts.backend != "trt":
             if opts.engines is not None:
                 raise EngineError("engines are TensorRT plans: use them with the trt backend (--backend trt).")
-            return {name: onnx(name, opts.backend) for name in components}
+            return None
         if opts.engines is None:
             raise EngineError("the trt backend runs TensorRT plans: give the engine set folder (--engines DIR) that "
                               f"`qinyu-edge build --bundle {self.bundle.root}` wrote.")
-        engines = EngineSet.load(opts.engines)
-        sessions: dict[str, Session] = {}
-        for name, spec in components.items():
-            entry = engines.engines.get(name)
-            if entry is None:
-                log.warning("%s: the engine set %s has no plan for it; it runs in ONNX Runtime", name, engines.root)
-                sessions[name] = onnx(name)
-                continue
+        return EngineSet.load(opts.engines)
+
+    def session(self, name: str) -> Session:
+        """The component's session, opened on first use (`heads_logits` is only needed for sampling, and
+        holds a second copy of the LM head: 1.2 GB in fp16 on the 8B)."""
+        if name in self.sessions:
+            return self.sessions[name]
+        opts, spec = self.options, self.bundle.components[name]
+        entry = None if self._engine_set is None else self._engine_set.engines.get(name)
+        if entry is not None:
             # A plan built from a fallback bundle (another precision) cannot be matched to this bundle's file.
-            own = entry.bundle == engines.bundle
-            sha = self.bundle.files[spec.file].sha256 if own else None
-            sessions[name] = open_session(engines.root / entry.plan_file, "trt", onnx_sha256=sha)
-        return sessions
+            sha = self.bundle.files[spec.file].sha256 if entry.bundle == self._engine_set.bundle else None
+            session = open_session(self._engine_set.root / entry.plan_file, "trt", onnx_sha256=sha)
+        else:
+            if self._engine_set is not None:
+                log.warning("%s: the engine set %s has no plan for it; it runs in ONNX Runtime", name,
+                            self._engine_set.root)
+            session = open_session(self.bundle.path(name), "ort" if self._engine_set else opts.backend, opts.provider,
+                                   opts.threads, spec.ort_disabled_optimizers)
+        self.sessions[name] = session
+        return session
 
     @property
     def root(self) -> Path:

@@ -62,9 +62,13 @@ AudioCallback = Callable[[np.ndarray], None]
 class Generator:
     """Owns the KV cache and the per-step buffers; one reply at a time (batch 1)."""
 
-    def __init__(self, embedding: Session, backbone: Session, heads_greedy: Session, heads_logits: Session | None,
-                 layout: TokenLayout, hidden_size: int, cache: KVCache, penalty: float = 1.1):
-        self.embedding, self.backbone, self.greedy, self.logits = embedding, backbone, heads_greedy, heads_logits
+    def __init__(self, embedding: Session, backbone: Session, heads_greedy: Session,
+                 open_heads_logits: Callable[[], Session] | None, layout: TokenLayout, hidden_size: int,
+                 cache: KVCache, penalty: float = 1.1):
+        self.embedding, self.backbone, self.greedy = embedding, backbone, heads_greedy
+        # The logits head only serves sampling: it is opened the first time a sampled reply starts.
+        self._open_logits = open_heads_logits
+        self.logits: Session | None = None
         self.layout = layout
         self.cache = cache
         self.penalty = penalty
@@ -99,8 +103,7 @@ class Generator:
             if history:
                 self._history[0, : len(history)] = list(history)
             return self.greedy.run({"hidden": self.hidden, "history": self._history}, into={"ids": self._choice})["ids"][0]
-        if self.logits is None:
-            raise ValueError("sampling needs the heads_logits session")
+        assert self.logits is not None  # opened by generate()
         logits = self.logits.run({"hidden": self.hidden})["logits"][0]
         return sample_step(logits, list(history), self.layout, self.penalty, sampling, rng)
 
@@ -118,6 +121,10 @@ class Generator:
         text_tokens: list[int] = []
         audio_rows: list[np.ndarray] = []
         stop = "max_new_tokens"
+        if sampling is not None and self.logits is None:
+            if self._open_logits is None:
+                raise ValueError("sampling needs the heads_logits session, and this bundle has none")
+            self.logits = self._open_logits()
         sessions = (self.embedding, self.backbone, self.greedy) + ((self.logits,) if self.logits else ())
         for _ in range(max_new_tokens):
             if cancel is not None and cancel.is_set():

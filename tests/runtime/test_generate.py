@@ -101,6 +101,20 @@ def test_sampling_is_seeded(engine):
     assert a.tokens == b.tokens and a.tokens != c.tokens
 
 
+def test_logits_head_is_opened_only_when_sampling_needs_it(preset_bundle):
+    """Greedy decoding never loads heads_logits (a second copy of the LM head); sampling opens it once."""
+    _, path = preset_bundle
+    eng = Engine(path)
+    emb = prompt_embeds(eng)
+    greedy = eng.generator.generate(emb, 10)
+    assert "heads_logits" not in eng.sessions and greedy.steps > 0
+    first = eng.generator.generate(emb, 10, sampling=SamplingConfig(seed=3))
+    opened = eng.sessions["heads_logits"]
+    assert opened.stats.calls == first.steps
+    eng.generator.generate(emb, 10, sampling=SamplingConfig(seed=3))
+    assert eng.sessions["heads_logits"] is opened
+
+
 def test_full_context(preset_bundle):
     _, path = preset_bundle
     probe = Engine(path, EngineOptions(context=64))
