@@ -302,10 +302,10 @@ def capture(bundle_dir: str | os.PathLike, cases: Sequence[Case] = CALIBRATION_C
         else:
             calls = tap.calls
         samples[name] = _spread(calls, options.max_samples)
-    for name, got in samples.items():
-        if not got:
-            # heads_logits runs only when sampling; heads_greedy is fed the same hidden states.
-            wanted = engine.sessions[name].input_names
+    for name, spec in engine.bundle.components.items():
+        if not samples.get(name):
+            # heads_logits runs (and is opened) only when sampling; heads_greedy is fed the same hidden states.
+            wanted = [t.name for t in spec.inputs]
             donor = next((d for d in samples.values() if d and set(wanted) <= set(d[0])), [])
             samples[name] = [{n: s[n] for n in wanted} for s in donor]
     empty = [n for n, s in samples.items() if not s]

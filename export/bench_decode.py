@@ -244,7 +244,7 @@ def export_ours(mods: OurModules, out: Path) -> dict[str, Path]:
         ids = torch.randint(0, bb.cfg.vocab_size, (1, 3, N_CODEBOOKS))
         export_onnx(mods.embedding, (ids,), tmp / "embedding.onnx", ["ids"], ["inputs_embeds"],
                     {"ids": {1: "seq", 2: "ids_per_step"}, "inputs_embeds": {1: "seq"}})
-        axes = {"inputs_embeds": {1: "seq"}} | {n: {0: "past"} for n in sig.input_names[1:]}
+        axes = {"inputs_embeds": {1: "seq"}} | {n: {0: "past"} for n in sig.input_names[2:]}
         axes |= {n: {0: "seq"} for n in sig.output_names[1:]}
         export_onnx(bb, bb.example_inputs(5, 3), tmp / "backbone.onnx", sig.input_names, sig.output_names, axes)
         hist = torch.full((1, PENALTY_WINDOW), -1, dtype=torch.int64)
@@ -265,10 +265,10 @@ def backbone_spec(backbone: Any) -> ComponentSpec:
     args = backbone.example_inputs(1, 1)
     with torch.inference_mode():
         outs = backbone(*args)
-    dyn = {n: {0: "past"} for n in sig.input_names[1:]} | {n: {0: "seq"} for n in sig.output_names[1:]}
+    dyn = {n: {0: "past"} for n in sig.input_names[2:]} | {n: {0: "seq"} for n in sig.output_names[1:]}
 
     def specs(names: tuple[str, ...], tensors: Any) -> tuple[TensorSpec, ...]:
-        return tuple(TensorSpec(n, "float32", tuple(dyn.get(n, {}).get(i, d) for i, d in enumerate(t.shape)))
+        return tuple(TensorSpec(n, str(t.numpy().dtype), tuple(dyn.get(n, {}).get(i, d) for i, d in enumerate(t.shape)))
                      for n, t in zip(names, tensors))
 
     return ComponentSpec("backbone", "backbone.onnx", specs(sig.input_names, args), specs(sig.output_names, outs))
@@ -341,7 +341,7 @@ class TorchRunner:
             bufs = tuple(torch.zeros(bb.cache_shape(past + self.steps)) for _ in bb.cache_names)
             gen = torch.Generator().manual_seed(past)
             embeds = torch.randn(1, past, bb.cfg.hidden_size, generator=gen)
-            out = bb(embeds, *(b[:NULL_ROWS] for b in bufs))
+            out = bb.step(embeds, *(b[:NULL_ROWS] for b in bufs))
             for b, new in zip(bufs, out[1:]):
                 b[NULL_ROWS : NULL_ROWS + past] = new
         self.state[past] = (bufs, out[0])
@@ -365,7 +365,7 @@ class TorchRunner:
                     step = ids.view(1, 1, -1)
                 else:
                     step = ids[:1].view(1, 1, 1)
-                out = m.backbone(m.embedding(step), *(b[: NULL_ROWS + pos] for b in bufs))
+                out = m.backbone.step(m.embedding(step), *(b[: NULL_ROWS + pos] for b in bufs))
                 for b, new in zip(bufs, out[1:]):
                     b[NULL_ROWS + pos : NULL_ROWS + pos + 1] = new
                 pos += 1
@@ -523,7 +523,7 @@ def step_parity(mods: OurModules, paths: dict[str, Path], past: int = 9, steps: 
         step = mods.embedding(torch.from_numpy(ids))
         chosen = []
         for _ in range(steps + 1):
-            out = bb(step, *caches)
+            out = bb.step(step, *caches)
             caches = tuple(torch.cat((c, n)) for c, n in zip(caches, out[1:]))
             recent = [t for t in chosen if lay.is_audio(t)][-PENALTY_WINDOW:]
             hist = torch.full((1, PENALTY_WINDOW), -1, dtype=torch.int64)

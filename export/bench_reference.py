@@ -109,7 +109,7 @@ class TorchReference:
 
         def step() -> Any:
             with torch.inference_mode():
-                out = bb(xt, *past)
+                out = bb.step(xt, *past)
                 return [torch.cat([p, n], dim=0) for p, n in zip(past, out[1:])]
 
         return step
@@ -124,12 +124,13 @@ class TorchReference:
         codes = g.integers(0, 1024, (1, 8, 24)).astype(np.int64)
         x = g.standard_normal((1, 1, self.model.config.backbone.hidden_size)).astype(np.float32)
         past = self._past(16, seed=3)
-        feeds = {"inputs_embeds": x, **{n: p.cpu().numpy() for n, p in zip(engine.cache.names_in, past)}}
+        feeds = {"inputs_embeds": x, "past_length": np.array([16], np.int64),
+                 **{n: p.cpu().numpy() for n, p in zip(engine.cache.names_in, past)}}
         with self.torch.inference_mode():
             ref = {
                 "encoder": {"encoder_out": self.model.encoder(self.tensor(feats[None])).cpu().numpy()},
                 "xy_decoder": {"wav": self.model.xy(self.tensor(codes)).cpu().numpy()},
-                "backbone": {"hidden": self.model.backbone(self.tensor(x), *past)[0].cpu().numpy()},
+                "backbone": {"hidden": self.model.backbone.step(self.tensor(x), *past)[0].cpu().numpy()},
             }
         ours = {
             "encoder": engine.sessions["encoder"].run({"features": feats[None]}),

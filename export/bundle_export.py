@@ -82,11 +82,12 @@ def components(model: QinYuModel, max_context: int, seed: int = 1234) -> list[Co
 
     bb = model.backbone
     sig = bb.signature()
-    cache_in = list(sig.input_names[1:])
+    cache_in = list(sig.input_names[2:])
     cache_out = list(sig.output_names[1:])
 
-    def backbone_inputs(s: int, p: int) -> Inputs:
-        return {"inputs_embeds": _randn(g, 1, s, h), **{n: _randn(g, *bb.cache_shape(p)) for n in cache_in}}
+    def backbone_inputs(s: int, p: int, ahead: int = 0) -> Inputs:
+        return {"inputs_embeds": _randn(g, 1, s, h), "past_length": torch.tensor([p]),
+                **{n: _randn(g, *bb.cache_shape(p + ahead)) for n in cache_in}}
 
     cache_axes = {n: {0: "past"} for n in cache_in} | {n: {0: "seq"} for n in cache_out}
 
@@ -141,13 +142,14 @@ def components(model: QinYuModel, max_context: int, seed: int = 1234) -> list[Co
             "text step: one id; audio step: mean of the 8 codebook rows",
         ),
         Component(
-            "backbone", model.backbone, ["inputs_embeds", *cache_in], ["hidden", *cache_out],
+            "backbone", model.backbone, ["inputs_embeds", "past_length", *cache_in], ["hidden", *cache_out],
             {"inputs_embeds": {1: "seq"}, **cache_axes},
             {"seq": (1, 256, max_prompt), "past": (NULL_ROWS, NULL_ROWS + 512, NULL_ROWS + max_context)},
-            backbone_inputs(5, 3),
-            [backbone_inputs(s, p) for s, p in ((7, 0), (1, 7), (1, 40), (5, 13))],
-            "prefill (past=0) and decode (seq=1) over time-major per-layer caches whose first "
-            f"{NULL_ROWS} row(s) are a masked null slot (rows = {NULL_ROWS} + past); returns only the new positions"
+            backbone_inputs(5, 3, 2),
+            [backbone_inputs(s, p, a) for s, p, a in ((7, 0, 0), (7, 0, 5), (1, 7, 0), (1, 40, 24), (5, 13, 3))],
+            "prefill (past_length 0) and decode (seq=1) over time-major per-layer caches: a masked null slot of "
+            f"{NULL_ROWS} row(s), past_length positions, then masked rows of the host's window "
+            f"(rows = {NULL_ROWS} + window); returns only the new positions"
             + ("; MLA caches the normed latent and the roped key" if b.is_mla else ""),
         ),
         Component(

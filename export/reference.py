@@ -48,7 +48,7 @@ def reference_generate(model: QinYuModel, prompt_embeds: torch.Tensor, max_new_t
     lay = model.layout
     backbone, heads = model.backbone, model.heads
     past = backbone.empty_cache()
-    out = backbone(prompt_embeds, *past)
+    out = backbone.step(prompt_embeds, *past)
     hidden, past = out[0], tuple(torch.cat([p, n], dim=0) for p, n in zip(past, out[1:]))
     tokens: list[int] = []
     text_tokens: list[int] = []
@@ -73,7 +73,7 @@ def reference_generate(model: QinYuModel, prompt_embeds: torch.Tensor, max_new_t
         else:
             step = model.embedding(ids[:1].view(1, 1, 1))
             text_tokens.append(token)
-        out = backbone(step, *past)
+        out = backbone.step(step, *past)
         hidden = out[0]
         past = tuple(torch.cat([p, n], dim=0) for p, n in zip(past, out[1:]))
     return ReferenceResult(tokens, text_tokens, frames, stop)

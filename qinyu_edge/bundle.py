@@ -17,8 +17,9 @@ from .errors import BundleError
 from .fileio import atomic_write_text, sha256_file
 from .tokens import TokenLayout
 
-# 2: per-layer KV cache tensors with a leading null row (1 had joint [P, L, ...] caches).
-FORMAT_VERSION = 2
+# 3: the backbone takes `past_length` and masks cache rows past it (2: per-layer caches with a leading
+# null row, holding exactly the past; 1: joint [P, L, ...] caches).
+FORMAT_VERSION = 3
 MANIFEST = "bundle.json"
 
 

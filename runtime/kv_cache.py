@@ -1,14 +1,17 @@
 """The KV cache: one preallocated, time-major buffer per layer and cache tensor.
 
 Each buffer holds `[NULL_ROWS + capacity, batch, ...]`: row 0 is the backbone's null slot (masked
-in the graph, kept at zero), then one row per position. The past `[:NULL_ROWS + pos]` is a
-zero-copy view and the slot for the new positions right after it is a contiguous region the
-backbone's output is bound to. Nothing is copied per step, whatever the context length.
+in the graph, kept at zero), then one row per position. The backbone reads a window
+`[:NULL_ROWS + W]` with W >= pos, rounded up to WINDOW_STEP rows, and `past_length` = pos says how
+many of its rows are real: the window views and the `past_length` array are the same objects for
+WINDOW_STEP steps in a row, so a session binds them once instead of every step (rebinding 16-72
+cache tensors per step costs more host time than the step's other work). The new positions go to
+the slot right after the past. Nothing is copied per step, whatever the context length.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,6 +22,9 @@ from qinyu_edge.errors import BundleError, ContextFullError
 # (FusedMatMul with transBatchB), and that kernel divides by the past's length, so a past is never
 # empty: a prefill passes just this masked row. The backbone graph shares the constant.
 NULL_ROWS = 1
+# Window growth: masked rows read per step (at most this many, half on average) against how often
+# the bound arrays change.
+WINDOW_STEP = 64
 
 
 @dataclass
@@ -27,10 +33,15 @@ class KVCache:
     names_out: tuple[str, ...]  # new_key_0, new_value_0, ... in the same order
     buffers: tuple[np.ndarray, ...]  # per name: [NULL_ROWS + capacity, batch, ...]
     pos: int = 0
+    _length: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))  # the graph's past_length
+    _window: tuple[int, dict[str, np.ndarray]] | None = None
 
     @classmethod
     def for_backbone(cls, spec: ComponentSpec, capacity: int, dtype: type = np.float32) -> "KVCache":
-        ins = tuple(t for t in spec.inputs if t.name.startswith("past_"))
+        ins = tuple(t for t in spec.inputs if t.name.startswith("past_") and t.name != "past_length")
+        if "past_length" not in {t.name for t in spec.inputs}:
+            raise BundleError(f"backbone {spec.file} has no past_length input; export the bundle again with this "
+                              "version of qinyu-edge.")
         outs = tuple("new_" + t.name.removeprefix("past_") for t in ins)
         missing = sorted(set(outs) - {t.name for t in spec.outputs})
         if missing:
@@ -57,7 +68,14 @@ class KVCache:
         return self.capacity - self.pos
 
     def past(self) -> dict[str, np.ndarray]:
-        return {n: b[: NULL_ROWS + self.pos] for n, b in zip(self.names_in, self.buffers)}
+        """The backbone's past inputs: `past_length` and each cache's window (the same objects until
+        the window grows)."""
+        rows = min(-(-self.pos // WINDOW_STEP) * WINDOW_STEP, self.capacity)
+        if self._window is None or self._window[0] != rows:
+            views = {n: b[: NULL_ROWS + rows] for n, b in zip(self.names_in, self.buffers)}
+            self._window = (rows, {"past_length": self._length, **views})
+        self._length[0] = self.pos
+        return self._window[1]
 
     def slot(self, n_new: int) -> dict[str, np.ndarray]:
         if self.pos + n_new > self.capacity:
@@ -72,7 +90,7 @@ class KVCache:
         self.pos += n_new
 
     def rewind(self, pos: int) -> None:
-        """Forget every position from `pos` on (the rows stay; they are overwritten next)."""
+        """Forget every position from `pos` on (the rows stay, masked, until they are overwritten)."""
         if not 0 <= pos <= self.pos:
             raise ValueError(f"cannot rewind to {pos}: the cache holds {self.pos} positions")
         self.pos = pos

@@ -7,11 +7,13 @@ starts from `inputs_embeds` (text rows, 8-row audio means, projector outputs are
 Cache: one time-major tensor per layer and kind, so each is a contiguous view of the host's
 preallocated buffer, appending a step copies nothing, and the graph reads each layer's cache where
 it lies (no per-layer slice of a joint tensor):
-- Qwen3: `past_key_{i}`, `past_value_{i}` `[N + P, B, kv_heads, head_dim]`.
-- MLA: `past_latent_{i}` `[N + P, B, kv_lora_rank + qk_rope_head_dim]`.
-The first N = NULL_ROWS rows are a null slot the attention masks out (keep them finite, e.g.
-zero); P real positions follow. The graph returns only the S new positions (`new_*`, `[S, B, ...]`);
-they are positions P..P+S-1, so one graph serves prefill (P = 0) and decode (S = 1).
+- Qwen3: `past_key_{i}`, `past_value_{i}` `[N + W, B, kv_heads, head_dim]`.
+- MLA: `past_latent_{i}` `[N + W, B, kv_lora_rank + qk_rope_head_dim]`.
+The first N = NULL_ROWS rows are a null slot the attention masks out; `past_length` (int64 [1]) = P
+real positions follow, and the rest of the W >= P window is masked too (keep every row finite,
+e.g. zero). The window lets the host bind the same arrays step after step. The graph returns only
+the S new positions (`new_*`, `[S, B, ...]`); they are positions P..P+S-1, so one graph serves
+prefill (P = 0) and decode (S = 1).
 """
 
 from __future__ import annotations
@@ -89,14 +91,15 @@ class Backbone(nn.Module):
         return tuple(torch.zeros(self.cache_shape(0, batch), dtype=dtype) for _ in self.cache_names)
 
     def example_inputs(
-        self, seq: int, past: int, batch: int = 1, dtype: torch.dtype = torch.float32, seed: int = 0
+        self, seq: int, past: int, batch: int = 1, dtype: torch.dtype = torch.float32, seed: int = 0, ahead: int = 0
     ) -> tuple[torch.Tensor, ...]:
-        """Random `inputs_embeds` and caches in `forward`'s argument order (tracing, tests); the null
-        slot is random too, which the graph must ignore."""
+        """Random `inputs_embeds`, `past_length` and caches in `forward`'s argument order (tracing,
+        tests); the null slot and `ahead` rows after the past are random too, which the graph must ignore."""
         gen = torch.Generator().manual_seed(seed)
         embeds = torch.randn(batch, seq, self.cfg.hidden_size, generator=gen).to(dtype)
-        caches = tuple(torch.randn(self.cache_shape(past, batch), generator=gen).to(dtype) for _ in self.cache_names)
-        return (embeds, *caches)
+        shape = self.cache_shape(past + ahead, batch)
+        caches = tuple(torch.randn(shape, generator=gen).to(dtype) for _ in self.cache_names)
+        return (embeds, torch.tensor([past]), *caches)
 
     def signature(self) -> OnnxSignature:
         pasts = tuple(f"past_{n}" for n in self.cache_names)
@@ -104,17 +107,17 @@ class Backbone(nn.Module):
         axes: dict[str, dict[int, str]] = {"inputs_embeds": {0: "batch", 1: "seq"}, "hidden": {0: "batch"}}
         axes.update({n: {0: "past", 1: "batch"} for n in pasts})
         axes.update({n: {0: "seq", 1: "batch"} for n in news})
-        return OnnxSignature(("inputs_embeds", *pasts), ("hidden", *news), axes)
+        return OnnxSignature(("inputs_embeds", "past_length", *pasts), ("hidden", *news), axes)
 
     def stack(
-        self, inputs_embeds: torch.Tensor, caches: tuple[torch.Tensor, ...]
+        self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, caches: tuple[torch.Tensor, ...]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """All layers over a new block: (pre-final-norm hidden [B,S,H], new caches [S,B,...] in
         `cache_names` order)."""
         k = len(self.cache_kinds)
         rows, seq = caches[0].shape[0], inputs_embeds.shape[1]
-        rope = self.rope(rows - NULL_ROWS, seq)
-        mask = attention_mask(rows, seq, inputs_embeds.device)
+        rope = self.rope(past_length, seq)
+        mask = attention_mask(rows, seq, past_length, inputs_embeds.device)
         x = inputs_embeds
         news: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
@@ -125,13 +128,18 @@ class Backbone(nn.Module):
     def forward_full(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         """Final-normed hidden states of every position of a prompt with no past: [B,S,H]."""
         empty = self.empty_cache(inputs_embeds.shape[0], inputs_embeds.dtype)
-        return self.norm(self.stack(inputs_embeds, empty)[0])
+        return self.norm(self.stack(inputs_embeds, torch.tensor([0]), empty)[0])
 
-    def forward(self, inputs_embeds: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """[B,S,H] and the caches (`cache_names` order) -> hidden [B,H] of the last position, then
-        the S new positions of every cache tensor, same order."""
-        x, news = self.stack(inputs_embeds, caches)
+    def forward(self, inputs_embeds: torch.Tensor, past_length: torch.Tensor, *caches: torch.Tensor
+                ) -> tuple[torch.Tensor, ...]:
+        """[B,S,H], the past's length (int64 [1]) and the caches (`cache_names` order) -> hidden [B,H]
+        of the last position, then the S new positions of every cache tensor, same order."""
+        x, news = self.stack(inputs_embeds, past_length, caches)
         return (self.norm(x[:, -1]), *news)
+
+    def step(self, inputs_embeds: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`forward` over caches that hold exactly the past (null slot, then P positions)."""
+        return self(inputs_embeds, torch.tensor([caches[0].shape[0] - NULL_ROWS]), *caches)
 
 
 class Qwen3Backbone(Backbone):

@@ -119,17 +119,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return x * cos + rotate_half(x, dim) * sin
 
 
-def attention_mask(past_rows: torch.Tensor | int, seq: torch.Tensor | int, device: torch.device | None = None
-                   ) -> torch.Tensor:
-    """Which of the joined [past rows | new block] columns each new position sees: bool [S, N + P + S].
+def attention_mask(past_rows: torch.Tensor | int, seq: torch.Tensor | int, past_length: torch.Tensor | int,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Which of the joined [past rows | new block] columns each new position sees: bool [S, N + W + S].
 
-    Every past position (not the N = NULL_ROWS null rows) and the new block causally. Built once per
-    graph; each layer's attention only reads it, and takes S and P from its shape, so the per-layer
-    shape arithmetic is identical across layers and ONNX Runtime merges it into one copy.
+    The past rows are the N = NULL_ROWS null rows, then `past_length` real positions, then rows the
+    host keeps for positions still to come (its cache window grows in steps, so the bound arrays
+    stay the same from step to step): only the real positions are seen, and the new block causally.
+    Built once per graph; each layer's attention only reads it, and takes S and the row count from
+    its shape, so the per-layer shape arithmetic is identical across layers and ONNX Runtime merges
+    it into one copy.
     """
     cols = torch.arange(past_rows + seq, device=device)[None, :]
     rows = torch.arange(seq, device=device)[:, None]
-    return (cols >= NULL_ROWS) & (cols <= rows + past_rows)
+    seen = (cols >= NULL_ROWS) & (cols < past_length + NULL_ROWS)
+    return seen | ((cols >= past_rows) & (cols <= rows + past_rows))
 
 
 def cached_attention(
@@ -144,9 +148,9 @@ def cached_attention(
 
     q:      [B, KVH, G, S, Dk]  (query head kvh*G + g reads kv head kvh: GQA without repeat_kv),
             already scaled by 1/sqrt(Dk) (fold the scale upstream, e.g. into a norm weight)
-    past_k: [N + P, B, KVH, Dk] past_v: [N + P, B, KVH, Dv]  (N = NULL_ROWS masked rows, P >= 0)
+    past_k: [R, B, KVH, Dk]     past_v: [R, B, KVH, Dv]  (R past rows, those the mask hides included)
     new_k:  [S, B, KVH, Dk]     new_v:  [S, B, KVH, Dv]
-    mask:   [S, N + P + S] from `attention_mask`
+    mask:   [S, R + S] from `attention_mask`
     returns [B, KVH, G, S, Dv]
 
     A boolean `where`, never an additive finfo.min mask (which overflows in fp16). Softmax runs in

@@ -98,7 +98,8 @@ def test_backbone_windows_reproduce_the_prefill(tiny4b):
     starts = [0, 16, 32]
     for p, w in zip(starts, windows, strict=True):
         past = {k: v for k, v in w.items() if k.startswith("past_")}
-        assert all(v.shape[0] == 1 + p for v in past.values())  # the null row, then p positions
+        assert past["past_length"].tolist() == [p]
+        assert all(v.shape[0] >= 1 + p for k, v in past.items() if k != "past_length")  # null row, p positions, window
         got = sess.run({"inputs_embeds": w["inputs_embeds"], **past})["hidden"]
         one_shot = backbone_windows(sess, spec, seq[:, : p + 8], window=p + 8, count=1)[0]
         want = sess.run(one_shot)["hidden"]
@@ -172,7 +173,8 @@ def test_int4_awq_backbone(tiny4b, calib, tmp_path):
     assert set(res.excluded) == set(batched)
     # Weight-only: activations stay unquantized, in fp16 inside, fp32 at the graph's edges.
     assert res.stats.q_nodes == 0 and res.stats.opset >= 21
-    assert set(_types(m.graph.input) + _types(m.graph.output)) == {TensorProto.FLOAT}
+    assert _types(m.graph.input) == _types(src.graph.input)  # float, and the int64 past_length
+    assert set(_types(m.graph.output)) == {TensorProto.FLOAT}
     feeds = calib["backbone"][-1]
     got, ref = _run(tmp_path / spec.file, spec, feeds), _run(tiny4b.path("backbone"), spec, feeds)
     assert 0.9 < cosine(got["hidden"], ref["hidden"]) < 1.0

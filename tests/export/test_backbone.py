@@ -82,27 +82,31 @@ def test_onnx_dynamic_shapes_and_incremental_decode(name: str, tmp_path):
         model, model.example_inputs(3, 4), tmp_path / "backbone.onnx", sig.input_names, sig.output_names,
         sig.dynamic_axes,
     )
+    caches_in = sig.input_names[2:]
     # The past is scored in place, never joined with the new block.
-    assert cache_views_reaching_concat(path, sig.input_names[1:]) == []
+    assert cache_views_reaching_concat(path, caches_in) == []
     # ONNX Runtime fuses the time-major permutes into its matmuls: no transposed or sliced copy.
-    assert ort_cache_readers(path, tmp_path / "optimized.onnx", sig.input_names[1:]) <= {"FusedMatMul", "Shape"}
-    # Shapes other than the traced (S=3, P=4): prefill without past, decode over short and long pasts, batch 2.
-    for seq, past, batch in [(1, 0, 1), (7, 0, 1), (1, 5, 1), (1, 40, 1), (5, 11, 2)]:
-        args = model.example_inputs(seq, past, batch, seed=seq * 100 + past)
+    assert ort_cache_readers(path, tmp_path / "optimized.onnx", caches_in) <= {"FusedMatMul", "Shape"}
+    # Shapes other than the traced (S=3, P=4): prefill without past, decode over short and long pasts,
+    # batch 2, and windows with random rows after the past (masked): each against torch on exactly the past.
+    for seq, past, batch, ahead in [(1, 0, 1, 0), (7, 0, 1, 0), (7, 0, 1, 9), (1, 5, 1, 0), (1, 5, 1, 59),
+                                    (1, 40, 1, 0), (1, 40, 1, 24), (5, 11, 2, 3)]:
+        args = model.example_inputs(seq, past, batch, seed=seq * 100 + past, ahead=ahead)
         feeds = {n: a.numpy() for n, a in zip(sig.input_names, args)}
         got = run_onnx(path, feeds)
-        for err in compare(got, torch_outputs(model, args)):
-            assert err.rel <= 1e-4, (seq, past, batch, err)
+        exact = (*args[:2], *(c[: NULL_ROWS + past] for c in args[2:]))
+        for err in compare(got, torch_outputs(model, exact)):
+            assert err.rel <= 1e-4, (seq, past, batch, ahead, err)
 
     # A whole conversation in ONNX Runtime: prefill 6, then 10 single steps, appending each step's
     # new cache rows to a growing numpy cache, against one full torch pass over all 16 positions.
     embeds = torch.randn(1, 16, model.cfg.hidden_size, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         full_hidden = model.forward_full(embeds).numpy()
-        full_cache = model(embeds, *model.example_inputs(1, 0)[1:])[1:]
+        full_cache = model.step(embeds, *model.example_inputs(1, 0)[2:])[1:]
     caches = [np.zeros(model.cache_shape(0), np.float32) for _ in model.cache_names]
     for start, stop in [(0, 6)] + [(t, t + 1) for t in range(6, 16)]:
-        feeds = dict(zip(sig.input_names, [embeds[:, start:stop].numpy(), *caches]))
+        feeds = dict(zip(sig.input_names, [embeds[:, start:stop].numpy(), np.array([start]), *caches]))
         out = run_onnx(path, feeds)
         (err,) = compare({"h": out["hidden"]}, {"h": full_hidden[:, stop - 1]})
         assert err.rel <= 1e-4, (stop, err)
@@ -118,9 +122,9 @@ def test_incremental_equals_full(name: str):
     embeds = torch.randn(2, 13, model.cfg.hidden_size)
     with torch.no_grad():
         full = model.forward_full(embeds)
-        caches = model.example_inputs(1, 0, batch=2)[1:]
+        caches = model.example_inputs(1, 0, batch=2)[2:]
         for start, stop in [(0, 3), (3, 4), (4, 9), (9, 10), (10, 13)]:  # mixed block sizes, not only S=1
-            hidden, *news = model(embeds[:, start:stop], *caches)
+            hidden, *news = model.step(embeds[:, start:stop], *caches)
             assert torch.allclose(hidden, full[:, stop - 1], rtol=0, atol=1e-5 * float(full.abs().max()))
             caches = tuple(torch.cat((c, n), dim=0) for c, n in zip(caches, news))
     assert caches[0].shape == model.cache_shape(13, batch=2)

@@ -48,7 +48,8 @@ def test_weights_reach_our_graphs_as_in_transformers(built):
     emb = open_session(paths["embedding"]).run({"ids": ids[..., None]})["inputs_embeds"]
     bb = load_ours(TINY, ckpt).backbone
     caches = {f"past_{n}": c.numpy() for n, c in zip(bb.cache_names, bb.empty_cache())}
-    hidden = open_session(paths["backbone"]).run({"inputs_embeds": emb, **caches})["hidden"]
+    hidden = open_session(paths["backbone"]).run({"inputs_embeds": emb, "past_length": np.zeros(1, np.int64),
+                                                  **caches})["hidden"]
     logits = open_session(paths["heads_logits"]).run({"hidden": hidden})["logits"]
     (err,) = compare({"logits": logits}, {"logits": ref})
     assert err.rel < 1e-4, err

@@ -54,7 +54,8 @@ def test_backbone_cache_signature(exported):
     entry = (b.kv_lora_rank + b.qk_rope_head_dim,) if b.is_mla else (b.num_key_value_heads, b.head_dim)
     # One time-major tensor per layer and kind, in layer order, each with a new-positions output.
     past = [f"past_{k}_{i}" for i in range(b.num_layers) for k in kinds]
-    assert [t.name for t in spec.inputs] == ["inputs_embeds", *past]
+    assert [t.name for t in spec.inputs] == ["inputs_embeds", "past_length", *past]
+    assert shapes["past_length"] == (1,) and next(t for t in spec.inputs if t.name == "past_length").dtype == "int64"
     for n in past:
         assert shapes[n] == ("past", 1, *entry)
         assert shapes["new_" + n.removeprefix("past_")] == ("seq", 1, *entry)

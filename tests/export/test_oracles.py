@@ -84,7 +84,7 @@ def incremental(ours: Backbone, embeds: torch.Tensor, prefill: int) -> tuple[tor
     caches = ours.empty_cache(embeds.shape[0])
     hiddens = []
     for start, stop in [(0, prefill)] + [(t, t + 1) for t in range(prefill, embeds.shape[1])]:
-        hidden, *news = ours(embeds[:, start:stop], *caches)
+        hidden, *news = ours.step(embeds[:, start:stop], *caches)
         caches = tuple(torch.cat((c, n), dim=0) for c, n in zip(caches, news))
         hiddens.append(hidden)
     return torch.stack(hiddens, dim=1), caches
