@@ -72,6 +72,13 @@ class _TurnLog:
             f.write(json.dumps(record.to_dict(), ensure_ascii=False) + "\n")
 
 
+def _wide_console():
+    """A console wide enough for the latency table (a pipe or CI log reports 80 columns)."""
+    from rich.console import Console
+
+    return Console(width=max(Console().width, 120))
+
+
 def _latency_table(turns):
     from rich.table import Table
 
@@ -120,7 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from .audio_devices import FileSink, FileSource
 
-    console = Console()
+    console = _wide_console()
     console.print(f"qinyu-edge demo: the embedded default [bold]{args.preset}[/bold]. Its weights are RANDOM "
                   "(a tiny model of the real architecture): the reply is noise-like speech, not an answer.")
     bundle = preset_bundle(args.preset, console=Console(stderr=True))
@@ -146,12 +153,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.live import Live
 
     from .audio_devices import AudioDeviceConfig, DeviceSink, DeviceSource
 
-    console = Console()
+    console = _wide_console()
     dev = AudioDeviceConfig(backend=args.backend, input_device=args.input_device, output_device=args.output_device)
     source, sink = DeviceSource(dev), DeviceSink(dev)
     turn_log = _TurnLog(args.log)

@@ -149,7 +149,7 @@ class VoiceLoop:
     def _go(self, new: State, reason: str) -> None:
         if new != self.state:
             ev = StateChanged(self.state, new, self._now(), reason)
-            log.info("%s -> %s (%s)", self.state.value, new.value, reason)
+            log.debug("%s -> %s (%s)", self.state.value, new.value, reason)  # on_event reports them
             self.state = new
             self._emit(ev)
 
