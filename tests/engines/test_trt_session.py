@@ -9,6 +9,7 @@ import pytest
 from test_manifest import entry_for, plan_blob
 
 from qinyu_edge.engine_manifest import EngineError, EngineSet
+from qinyu_edge.runtime.kv_cache import NULL_ROWS, WINDOW_STEP, KVCache
 from qinyu_edge.runtime.session import open_session
 from qinyu_edge.runtime.trt_session import HostMirror, TensorRTMissing, TrtSession, cuda_check
 
@@ -91,32 +92,38 @@ class FakeDevice:
 
 
 def test_kv_cache_past_is_uploaded_once_then_never_again():
+    """The runtime's own KVCache feeding a mirrored input: its window and the new rows written into
+    the slot behind the past. After the first upload of each window size nothing is uploaded again."""
     rng = np.random.default_rng(0)
-    cap, row = 64, (1, 2, 16)
-    cache = np.zeros((1 + cap, *row), np.float32)  # row 0: the masked null slot, then positions
+    cap, row = 200, (1, 2, 16)
+    kv = KVCache(("past_key_0",), ("new_key_0",), (np.zeros((NULL_ROWS + cap, *row), np.float32),))
+    cache = kv.buffers[0]
     row_bytes = cache[0].nbytes
     device = FakeDevice(cache.nbytes)
     mirror = HostMirror()
-    pos = 0
 
     def step(n: int) -> int:
-        nonlocal pos
         before = device.uploaded
-        device.upload(mirror, cache[: 1 + pos])
-        new = rng.standard_normal((n, *row)).astype(np.float32)  # what the engine computed
-        slot = cache[1 + pos : 1 + pos + n]
-        slot[...] = new  # copied device -> host into the slot
+        window = kv.past()["past_key_0"]
+        device.upload(mirror, window)
+        slot = kv.slot(n)["new_key_0"]
+        slot[...] = rng.standard_normal((n, *row)).astype(np.float32)  # what the engine computed, copied out
         device.absorb(mirror, slot)
-        pos += n
-        # The device copy equals the host cache over everything written so far.
-        assert np.array_equal(device.mem[: cache[: 1 + pos].nbytes], cache[: 1 + pos].reshape(-1).view(np.uint8))
+        kv.advance(n)
+        # The device copy equals the host cache over the window and everything written so far.
+        seen = max(window.nbytes, cache[: NULL_ROWS + kv.pos].nbytes)
+        assert np.array_equal(device.mem[:seen], cache.reshape(-1).view(np.uint8)[:seen])
         return device.uploaded - before
 
-    assert step(9) == row_bytes  # prefill: only the null row, once
-    assert [step(1) for _ in range(20)] == [0] * 20  # decode: the past is already there
-    pos = 0  # a new conversation reuses the buffer
-    assert step(5) == 0 and step(1) == 0
-    pos = 3  # a rewind: positions from 3 on are overwritten
+    assert step(9) == row_bytes  # prefill: only the null row
+    # First decode step: the 64-row window's rows after the past (masked, but on the device too), once.
+    assert step(1) == (WINDOW_STEP - 9) * row_bytes
+    assert [step(1) for _ in range(WINDOW_STEP - 10)] == [0] * (WINDOW_STEP - 10)  # the past is already there
+    assert kv.pos == WINDOW_STEP
+    assert step(1) == 0  # the slot right behind the window extends it on the device
+    assert step(1) == (WINDOW_STEP - 1) * row_bytes  # the window grows: its new rows, once
+    assert step(1) == 0
+    kv.rewind(3)  # a rewind: positions from 3 on are overwritten, nothing re-uploaded
     assert step(2) == 0 and step(1) == 0
 
 
