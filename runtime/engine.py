@@ -63,10 +63,10 @@ class Engine:
         spec = self.bundle.components["backbone"]
         capacity = options.context or spec.shape_ranges["past"][2] - NULL_ROWS
         self.cache = KVCache.for_backbone(spec, capacity)
+        open_logits = (lambda: self.session(LAZY_COMPONENT)) if LAZY_COMPONENT in self.bundle.components else None
         self.generator = Generator(
-            self.sessions["embedding"], self.sessions["backbone"], self.sessions["heads_greedy"],
-            (lambda: self.session(LAZY_COMPONENT)) if LAZY_COMPONENT in self.bundle.components else None, self.layout, self.config.backbone.hidden_size, self.cache,
-            penalty=self.config.repetition_penalty,
+            self.sessions["embedding"], self.sessions["backbone"], self.sessions["heads_greedy"], open_logits,
+            self.layout, self.config.backbone.hidden_size, self.cache, penalty=self.config.repetition_penalty,
         )
 
     def _open_engine_set(self) -> EngineSet | None:
@@ -82,7 +82,7 @@ class Engine:
 
     def session(self, name: str) -> Session:
         """The component's session, opened on first use (`heads_logits` is only needed for sampling, and
-        holds a second copy of the LM head: 1.2 GB in fp16 on the 8B)."""
+        holds a second copy of the LM head: 1.3 GB in fp16 on the 8B)."""
         if name in self.sessions:
             return self.sessions[name]
         opts, spec = self.options, self.bundle.components[name]
@@ -95,8 +95,9 @@ class Engine:
             if self._engine_set is not None:
                 log.warning("%s: the engine set %s has no plan for it; it runs in ONNX Runtime", name,
                             self._engine_set.root)
-            session = open_session(self.bundle.path(name), "ort" if self._engine_set else opts.backend, opts.provider,
-                                   opts.threads, spec.ort_disabled_optimizers)
+            backend = "ort" if self._engine_set else opts.backend
+            session = open_session(self.bundle.path(name), backend, opts.provider, opts.threads,
+                                   spec.ort_disabled_optimizers)
         self.sessions[name] = session
         return session
 
