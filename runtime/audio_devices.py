@@ -22,8 +22,10 @@ time bound, as a dead sound server can block PortAudio calls.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -173,6 +175,7 @@ class DeviceInfo:
 class _Stream(Protocol):
     def start(self) -> None: ...
     def stop(self) -> None: ...
+    def abort(self) -> None: ...
     def close(self) -> None: ...
     @property
     def active(self) -> bool: ...
@@ -251,6 +254,9 @@ class _PyAudioStream:
 
     def stop(self) -> None:
         self._s.stop_stream()
+
+    def abort(self) -> None:
+        pass  # PyAudio has no abort; close() discards pending buffers of an active stream (Pa_CloseStream)
 
     def close(self) -> None:
         try:
@@ -357,7 +363,17 @@ def rescan_devices(backend: Backend = "sounddevice") -> None:
     PortAudio enumerates devices only when initialised, and re-initialising it CLOSES EVERY OPEN STREAM in
     the process: call this only with no stream running.
     """
+    if _stuck_streams:
+        raise AudioDeviceError(f"PortAudio cannot be re-initialised in this process: {_stuck_streams[0]} never "
+                               "returned after its sound server went away (re-initialising would wait for it "
+                               "forever). Restart qinyu-edge to see the devices again.")
     _backend(backend).rescan()
+
+
+# Streams whose stop or close never returned (their sound server died under them). PortAudio then can
+# neither be terminated nor re-initialised without waiting for them forever: rescans refuse, and the
+# backend's own teardown at exit is skipped (the OS reclaims the stream).
+_stuck_streams: list[str] = []
 
 
 def _describe(devs: list[DeviceInfo], kind: Kind) -> str:
@@ -458,6 +474,7 @@ class _DeviceStream:
         self._stream: _Stream | None = None
         self._finished = False  # the stream ended without our asking: set from PortAudio's thread
         self._closing = False
+        self._lost = False  # check_alive found the device gone: the stream is aborted, not stopped
         self._last_callback = 0.0
         self.stats = StreamStats()
         self._callbacks_at_open = 0
@@ -520,22 +537,37 @@ class _DeviceStream:
         except self._be.errors:  # PortAudio cannot even query a stream whose device is gone
             active = False
         if self._finished or not active:
+            self._lost = True
             raise AudioDeviceLost(f"audio {self.kind} device {name!r} stopped (unplugged, or the sound server went away); reopen() it, or pick another device.")
         silent = time.monotonic() - self._last_callback
         # A device may take a while to deliver its first block (Bluetooth, a waking sound server).
         started = self.stats.callbacks > self._callbacks_at_open
         if silent > (self.config.stall_timeout_s if started else max(self.config.stall_timeout_s, self.config.open_timeout_s)):
+            self._lost = True
             raise AudioDeviceLost(f"audio {self.kind} device {name!r} delivered nothing for {silent:.1f} s; it hangs or was removed. reopen() it, or pick another device.")
 
     def _abandon(self, stream: _Stream) -> None:
+        # A lost stream is aborted, not stopped: stopping waits for its buffers to play out on a
+        # device that is gone, and on a dead PulseAudio server that wait never ends.
+        lost = self._lost
+
         def shut() -> None:
             try:
-                stream.stop()
+                stream.abort() if lost else stream.stop()
             finally:
                 stream.close()
+        what = f"closing the audio {self.kind} stream"
         try:
-            _bounded(shut, self.config.open_timeout_s, "closing the audio stream")
-        except (AudioDeviceError, *self._be.errors) as e:  # a stream that cannot even close is left to the OS
+            _bounded(shut, self.config.open_timeout_s, what)
+        except AudioDeviceError as e:  # still blocked inside PortAudio: left to the OS
+            log.warning("audio %s: %s; PortAudio will not be re-initialised in this process", self.kind, e)
+            _stuck_streams.append(what)
+            # sounddevice terminates PortAudio at exit, which would wait for the stuck stream forever
+            # (PyAudio and sounddevice share the one libportaudio).
+            sd = sys.modules.get("sounddevice")
+            if sd is not None:
+                atexit.unregister(sd._exit_handler)
+        except self._be.errors as e:
             log.warning("audio %s: closing the stream failed: %s", self.kind, e)
 
     def close(self) -> None:
@@ -543,6 +575,7 @@ class _DeviceStream:
         self._closing = True
         if stream is not None:
             self._abandon(stream)
+        self._lost = False
 
     def reopen(self) -> None:
         """Close (if needed) and open the same device again, e.g. after AudioDeviceLost."""

@@ -13,12 +13,14 @@ them, or when the daemon does not come up, the fixture skips with the reason.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import select
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +28,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 MIC_SINK = "qy_mic"
 SPEAKER = "qy_speaker"
 RATE = 48000
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: be killed when the test process dies, even by os._exit (a test timeout)
+    or SIGKILL, so no sound server outlives its test run and eats the CPU of the tests after it."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass
@@ -63,7 +72,7 @@ class VirtualSoundCard:
                  "-L", f"module-native-protocol-unix socket={self.dir / 'native'} auth-anonymous=1",
                  "-L", f"module-null-sink sink_name={MIC_SINK} rate={RATE}",
                  "-L", f"module-null-sink sink_name={SPEAKER} rate={RATE}"],
-                env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                env=self.env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + 10
         while self._run("pactl", "info").returncode:
@@ -78,6 +87,7 @@ class VirtualSoundCard:
             self.helpers.append(subprocess.Popen(
                 ["pacat", "--playback", "-d", sink, "--raw", "--format=s16le", f"--rate={RATE}", "--channels=1", "--latency-msec=20", "/dev/zero"],
                 env=self.client_env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
             ))
         self._wait_until_monitors_flow()
 
@@ -86,7 +96,8 @@ class VirtualSoundCard:
         # cycle ends its monitor delivers nothing. Wait for both monitors to deliver samples.
         recorders = [
             subprocess.Popen(["parec", "-d", f"{sink}.monitor", "--raw", "--format=s16le", "--rate=16000", "--channels=1", "--latency-msec=20"],
-                             env=self.client_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                             env=self.client_env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             preexec_fn=_die_with_parent)
             for sink in (MIC_SINK, SPEAKER)
         ]
         try:
@@ -110,11 +121,16 @@ class VirtualSoundCard:
         if r.returncode:
             raise RuntimeError(f"paplay failed: {r.stderr.strip()}")
 
+    def player(self, wav: Path) -> "Player":
+        """`play_into_mic` on a thread (start it; `join_or_skip` after)."""
+        return Player(self, wav)
+
+
     def record_speaker(self, raw: Path, rate: int = 16000) -> subprocess.Popen:
         """Start recording the virtual speaker as float32 mono raw samples; stop it with `stop_process`."""
         return subprocess.Popen(
             ["parec", "-d", f"{SPEAKER}.monitor", "--raw", "--format=float32le", f"--rate={rate}", "--channels=1", "--latency-msec=20"],
-            env=self.client_env, stdout=open(raw, "wb"), stderr=subprocess.DEVNULL,
+            env=self.client_env, stdout=open(raw, "wb"), stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
         )
 
     def kill_daemon(self) -> None:
@@ -134,6 +150,27 @@ class VirtualSoundCard:
         if self.daemon is not None:
             stop_process(self.daemon)
             self.daemon = None
+
+
+class Player(threading.Thread):
+    """Plays into the virtual mic while the test reads; a sound server that cannot play skips the
+    test (the test machine's audio stack failed, not the code under test)."""
+
+    def __init__(self, card: VirtualSoundCard, wav: Path):
+        super().__init__(daemon=True)
+        self.card, self.wav = card, wav
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.card.play_into_mic(self.wav)
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            self.error = e
+
+    def join_or_skip(self) -> None:
+        self.join()
+        if self.error is not None:
+            pytest.skip(f"the virtual sound card could not play into the mic: {self.error}")
 
 
 def stop_process(p: subprocess.Popen) -> None:

@@ -128,13 +128,16 @@ def test_portaudio_loop_on_a_virtual_sound_card(sound_card, tmp_path, engine, vo
     conv = Conversation(engine, max_new_tokens=60)
     loop = VoiceLoop(conv, DeviceSource(cfg), DeviceSink(cfg), TurnDetector(VadConfig(), TurnConfig(kind="silence")))
     try:
+        player = sound_card.player(wav)
+
         def speak_then_stop():
             # The loop only ends on stop(): it must be stopped even when playing the speech fails.
             try:
                 time.sleep(0.5)
-                sound_card.play_into_mic(wav)
+                player.run()
                 deadline = time.monotonic() + 60
-                while time.monotonic() < deadline and not any(isinstance(e, TurnRecord) for e in loop.events):
+                while (player.error is None and time.monotonic() < deadline
+                       and not any(isinstance(e, TurnRecord) for e in loop.events)):
                     time.sleep(0.1)
                 time.sleep(0.5)
             finally:
@@ -146,6 +149,8 @@ def test_portaudio_loop_on_a_virtual_sound_card(sound_card, tmp_path, engine, vo
         t.join()
     finally:
         stop_process(rec)
+    if player.error is not None:
+        pytest.skip(f"the virtual sound card could not play into the mic: {player.error}")
     assert len(turns) == 1 and turns[0].reply_audio_seconds > 0
     heard = np.fromfile(raw, dtype="<f4")
     assert heard.size > 0 and float(np.abs(heard).max()) > 1e-3  # the reply came out of the speaker
