@@ -771,10 +771,10 @@ class Bench:
         enc = eng.sessions["encoder"].run({"features": x})["encoder_out"]
         enc_t, x_t = ref.encoder_inputs(feats)
         self._paired(f"encoder/{tag}", f"encoder, {seconds:g} s audio",
-                     lambda: eng.sessions["encoder"].run({"features": x}), lambda: ref.encoder(x_t), seconds=seconds)
+                     lambda: eng.sessions["encoder"].run({"features": x}), lambda: ref.run("encoder", x_t), seconds=seconds)
         self._paired(f"audio_projector/{tag}", f"audio projector, {seconds:g} s audio",
                      lambda: eng.sessions["audio_projector"].run({"encoder_out": enc}),
-                     lambda: ref.audio_projector(enc_t), seconds=seconds)
+                     lambda: ref.run("audio_projector", enc_t), seconds=seconds)
 
     def _torch_speaker_projector(self) -> None:
         if self.reference is None:
@@ -783,7 +783,7 @@ class Bench:
         x = np.random.default_rng(0).standard_normal((2, 192)).astype(np.float32)
         xt = ref.tensor(x)
         self._paired("speaker_projector/2", "speaker projector, 2 vectors", lambda: sess.run({"speaker": x}),
-                     lambda: ref.speaker_projector(xt), speakers=2)
+                     lambda: ref.run("speaker_projector", xt), speakers=2)
 
     def _torch_decode(self, ctx: int) -> None:
         if self.reference is None:
@@ -807,7 +807,7 @@ class Bench:
         codes = np.random.default_rng(ctx * 1000 + new).integers(0, 1024, (1, 8, ctx + new)).astype(np.int64)
         codes_t = ref.tensor(codes)
         self._paired(f"xy_decoder/chunk={new}+ctx={ctx}", f"XY decoder chunk, {new} new + {ctx} context frames",
-                     lambda: sess.run({"codes": codes}), lambda: ref.xy(codes_t), new_frames=new, context_frames=ctx)
+                     lambda: sess.run({"codes": codes}), lambda: ref.run("xy", codes_t), new_frames=new, context_frames=ctx)
 
     # -- derived figures and the document
 

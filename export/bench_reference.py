@@ -77,25 +77,14 @@ class TorchReference:
     def tensor(self, a: np.ndarray) -> Any:
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
 
-    def encoder(self, x: Any) -> Any:
+    def run(self, module: str, *inputs: Any) -> Any:
+        """One of the model's modules (encoder, audio_projector, speaker_projector, xy) on torch inputs."""
         with self.torch.inference_mode():
-            return self.model.encoder(x)
-
-    def audio_projector(self, enc: Any) -> Any:
-        with self.torch.inference_mode():
-            return self.model.audio_projector(enc)
-
-    def speaker_projector(self, x: Any) -> Any:
-        with self.torch.inference_mode():
-            return self.model.speaker_projector(x)
-
-    def xy(self, codes: Any) -> Any:
-        with self.torch.inference_mode():
-            return self.model.xy(codes)
+            return getattr(self.model, module)(*inputs)
 
     def encoder_inputs(self, feats: np.ndarray) -> tuple[Any, Any]:
         x = self.tensor(feats[None].astype(np.float32))
-        return self.encoder(x), x
+        return self.run("encoder", x), x
 
     def _past(self, ctx: int, seed: int = 0) -> tuple[Any, ...]:
         bb = self.model.backbone
