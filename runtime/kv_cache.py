@@ -6,7 +6,7 @@ in the graph, kept at zero), then one row per position. The backbone reads a win
 many of its rows are real: the window views and the `past_length` array are the same objects for
 WINDOW_STEP steps in a row, so a session binds them once instead of every step (rebinding 16-72
 cache tensors per step costs more host time than the step's other work). The new positions go to
-the slot right after the past. Nothing is copied per step, whatever the context length.
+the slot right after the past. Nothing of the past is copied per step, whatever the context length.
 """
 
 from __future__ import annotations
