@@ -690,7 +690,12 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
     try:
         results: dict[str, ComponentResult] = {}
         todo = {name: cr for name, cr in plan.items() if cr.method != "fp32"}
-        replaced = {f for name in todo for f in (src.components[name].file, src.components[name].file + ".data")}
+        # A quantized component loses its fp32 ONNX Runtime variant (which may point into the fp32
+        # side file): the runtime then runs the quantized portable graph.
+        variants = {k: v for k, v in src.ort_variants.items() if k not in todo}
+        dropped = [src.ort_variants[k] for k in src.ort_variants if k in todo]
+        replaced = {f for spec in [*(src.components[name] for name in todo), *dropped]
+                    for f in (spec.file, spec.file + ".data")}
         for name in src.files:
             if name not in replaced:
                 shutil.copy2(src.root / name, tmp / name)
@@ -710,7 +715,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         origin["quantization"] = _record(src, recipe, plan, results, target, calibration)
         opsets = [r.stats.opset for r in results.values()]
         bundle = dataclasses.replace(src, root=tmp, components=specs, files=file_entries(tmp, files), origin=origin,
-                                     opset=max([src.opset, *opsets]))
+                                     opset=max([src.opset, *opsets]), ort_variants=variants)
         write_manifest(bundle)
         replace_dir(tmp, out)
         return dataclasses.replace(bundle, root=out)

@@ -217,14 +217,15 @@ def load_ours(shape: BenchShape, checkpoint: Path) -> OurModules:
 
 def _graph_fingerprint() -> str:
     """Hash of the modules our graphs are traced from, so a code change re-exports."""
+    from qinyu_edge.export import ort_backbone
     from qinyu_edge.export.models import backbone, heads, layers, qwen3
     from qinyu_edge.runtime import kv_cache
 
-    src = "".join(inspect.getsource(m) for m in (backbone, heads, layers, qwen3, kv_cache))
+    src = "".join(inspect.getsource(m) for m in (backbone, heads, layers, qwen3, kv_cache, ort_backbone))
     return hashlib.sha256(src.encode()).hexdigest()[:12]
 
 
-OUR_GRAPHS = ("embedding", "backbone", "heads_greedy", "heads_logits")
+OUR_GRAPHS = ("embedding", "backbone", "backbone_ort", "heads_greedy", "heads_logits")
 
 
 def export_ours(mods: OurModules, out: Path) -> dict[str, Path]:
@@ -233,6 +234,7 @@ def export_ours(mods: OurModules, out: Path) -> dict[str, Path]:
 
     from qinyu_edge.export.models.heads import HeadsGreedy, HeadsLogits
     from qinyu_edge.export.onnx_io import export_onnx
+    from qinyu_edge.export.ort_backbone import write_ort_backbone
 
     paths = {n: out / f"{n}.onnx" for n in OUR_GRAPHS}
     if all(p.is_file() for p in paths.values()):
@@ -247,6 +249,7 @@ def export_ours(mods: OurModules, out: Path) -> dict[str, Path]:
         axes = {"inputs_embeds": {1: "seq"}} | {n: {0: "past"} for n in sig.input_names[2:]}
         axes |= {n: {0: "seq"} for n in sig.output_names[1:]}
         export_onnx(bb, bb.example_inputs(5, 3), tmp / "backbone.onnx", sig.input_names, sig.output_names, axes)
+        write_ort_backbone(bb, tmp / "backbone_ort.onnx", tmp / "backbone.onnx")
         hist = torch.full((1, PENALTY_WINDOW), -1, dtype=torch.int64)
         export_onnx(HeadsGreedy(mods.heads), (torch.randn(1, h), hist), tmp / "heads_greedy.onnx",
                     ["hidden", "history"], ["ids"])
@@ -257,9 +260,15 @@ def export_ours(mods: OurModules, out: Path) -> dict[str, Path]:
     return paths
 
 
-def backbone_spec(backbone: Any) -> ComponentSpec:
-    """The backbone's ComponentSpec as the bundle export writes it (for `KVCache.for_backbone`)."""
+def backbone_spec(backbone: Any, fused: bool = True) -> ComponentSpec:
+    """The backbone's ComponentSpec as the bundle export writes it (for `KVCache.for_backbone`): the
+    ONNX Runtime CPU variant's, or with `fused=False` the portable graph's."""
     import torch
+
+    if fused:
+        from qinyu_edge.export.ort_backbone import variant_spec
+
+        return variant_spec(backbone, "backbone_ort.onnx", (1, 1, 1), 1)
 
     sig = backbone.signature()
     args = backbone.example_inputs(1, 1)
@@ -293,15 +302,17 @@ def _random_ids(n: int, vocab: int, seed: int) -> np.ndarray:
 
 
 class OursRunner:
-    """The runtime's decode loop over our graphs (IO binding into a KVCache)."""
+    """The runtime's decode loop over our graphs (IO binding into a KVCache): the backbone's ONNX
+    Runtime CPU variant as the runtime runs it, or with `fused=False` the portable backbone graph."""
 
-    name = "ours"
-
-    def __init__(self, paths: dict[str, Path], spec: ComponentSpec, hidden: int, steps: int, threads: int,
-                 spin_us: int = 0):
-        self.sessions: dict[str, Session] = {n: open_session(paths[n], threads=threads, spin_us=spin_us)
-                                             for n in ("embedding", "backbone", "heads_greedy")}
-        self.spec, self.hidden, self.steps = spec, hidden, steps
+    def __init__(self, paths: dict[str, Path], mods: OurModules, steps: int, threads: int, spin_us: int = 0,
+                 fused: bool = True):
+        self.name = "ours" if fused else "ours (portable)"
+        graphs = {"embedding": "embedding", "backbone": "backbone_ort" if fused else "backbone",
+                  "heads_greedy": "heads_greedy"}
+        self.sessions: dict[str, Session] = {n: open_session(paths[g], threads=threads, spin_us=spin_us)
+                                             for n, g in graphs.items()}
+        self.spec, self.hidden, self.steps = backbone_spec(mods.backbone, fused), mods.backbone.cfg.hidden_size, steps
         self.generators: dict[int, Generator] = {}
 
     def generator(self, capacity: int) -> Generator:
@@ -478,7 +489,7 @@ class BenchOptions:
     rounds: int = 3
     threads: int = 2
     work: Path = Path(os.environ.get("QINYU_EDGE_CACHE", Path.home() / ".cache" / "qinyu-edge")) / "bench_decode"
-    contenders: tuple[str, ...] = ("genai", "ours", "torch", "transformers")
+    contenders: tuple[str, ...] = ("genai", "ours", "ours-portable", "torch", "transformers")
     spin_us: int = 0  # for an extra "ours (spin N us)" contender: intra-op workers spin between sections
 
 
@@ -503,7 +514,8 @@ class BenchResult:
 
 
 def step_parity(mods: OurModules, paths: dict[str, Path], past: int = 9, steps: int = 3) -> dict[str, float]:
-    """Our ONNX graphs against our torch modules on one prompt and a few steps (same weights):
+    """Our ONNX graphs (the backbone's ONNX Runtime CPU variant, as "ours" runs) against our torch
+    modules on one prompt and a few steps (same weights):
     relative error of the last hidden state and of the logits, and whether the greedy ids agree."""
     import torch
 
@@ -513,7 +525,7 @@ def step_parity(mods: OurModules, paths: dict[str, Path], past: int = 9, steps: 
     sess = {n: open_session(paths[n], threads=1) for n in OUR_GRAPHS}
     spec = backbone_spec(bb)
     cache = KVCache.for_backbone(spec, past + steps)
-    gen = Generator(sess["embedding"], sess["backbone"], sess["heads_greedy"], None, lay,
+    gen = Generator(sess["embedding"], sess["backbone_ort"], sess["heads_greedy"], None, lay,
                     bb.cfg.hidden_size, cache)
     ids = _random_ids(past, bb.cfg.vocab_size, 0).reshape(1, -1, 1)
     res = gen.generate(gen.embed(ids), max_new_tokens=steps)
@@ -557,18 +569,19 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> BenchRes
                 continue
             runners.append(GenaiRunner(build_genai(ckpt, work / "genai"), options.steps, options.threads))
         elif c == "ours":
-            runners.append(OursRunner(paths, backbone_spec(mods.backbone), shape.hidden, options.steps, options.threads))
+            runners.append(OursRunner(paths, mods, options.steps, options.threads))
             if options.spin_us:
-                spinning = OursRunner(paths, backbone_spec(mods.backbone), shape.hidden, options.steps,
-                                      options.threads, options.spin_us)
+                spinning = OursRunner(paths, mods, options.steps, options.threads, options.spin_us)
                 spinning.name = f"ours (spin {options.spin_us} us)"
                 runners.append(spinning)
+        elif c == "ours-portable":
+            runners.append(OursRunner(paths, mods, options.steps, options.threads, fused=False))
         elif c == "torch":
             runners.append(TorchRunner(mods, options.steps, options.threads))
         elif c == "transformers":
             runners.append(TransformersRunner(ckpt, options.threads))
         else:
-            raise ValueError(f"unknown contender {c!r}; choose from genai, ours, torch, transformers")
+            raise ValueError(f"unknown contender {c!r}; choose from genai, ours, ours-portable, torch, transformers")
     for past in options.pasts:
         for r in runners:
             t0 = time.perf_counter()
@@ -637,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-1024")
-    p.add_argument("--only", default="genai,ours,torch,transformers", help="contenders to run")
+    p.add_argument("--only", default=",".join(BenchOptions.contenders), help="contenders to run")
     p.add_argument("--work", type=Path, default=BenchOptions.work, help="cache for checkpoint and graphs")
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--spin-us", type=int, default=0,

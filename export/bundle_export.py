@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from qinyu_edge.runtime.kv_cache import NULL_ROWS
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from safetensors.numpy import save_file as save_numpy
 
@@ -37,8 +37,10 @@ from qinyu_edge.bundle import (
 from qinyu_edge.errors import QinyuError
 from qinyu_edge.fileio import replace_dir
 
+from .models.backbone import Qwen3Backbone
 from .models.heads import HeadsGreedy, HeadsLogits
 from .onnx_io import OPSET, compare, export_onnx, run_onnx
+from .ort_backbone import ORT_BACKBONE_FILE, variant_parity, variant_spec, write_ort_backbone
 from .qinyu_checkpoint import QinYuModel
 
 log = logging.getLogger(__name__)
@@ -232,6 +234,23 @@ def parity_table(rows: list[dict[str, object]]) -> Table:
     return table
 
 
+def _ort_variants(model: QinYuModel, comps: list[Component], folder: Path, max_context: int,
+                  rows: list[dict[str, object]], progress: Progress, task: TaskID) -> dict[str, ComponentSpec]:
+    """The backbone's ONNX Runtime CPU graph where the architecture has one (Qwen3), checked against
+    PyTorch like the components; its parity rows join `rows`."""
+    progress.update(task, description="export backbone (ort cpu)")
+    variants = {}
+    if isinstance(model.backbone, Qwen3Backbone):
+        backbone = next(c for c in comps if c.name == "backbone")
+        path = folder / ORT_BACKBONE_FILE
+        write_ort_backbone(model.backbone, path, folder / "backbone.onnx")
+        spec = variant_spec(model.backbone, path.name, backbone.shape_ranges["seq"], max_context)
+        rows += [{**r, "ok": float(r["rel"]) <= PARITY_TOLERANCE} for r in variant_parity(model.backbone, spec, path)]
+        variants["backbone"] = spec
+    progress.advance(task)
+    return variants
+
+
 class ParityError(QinyuError):
     pass
 
@@ -255,7 +274,7 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
         progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), console=console, transient=False)
         with progress:
-            task = progress.add_task("exporting", total=2 * len(comps))
+            task = progress.add_task("exporting", total=2 * len(comps) + 1)
             for comp in comps:
                 progress.update(task, description=f"export {comp.name}")
                 t0 = time.perf_counter()
@@ -274,6 +293,7 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
                     shape_ranges=comp.shape_ranges, description=comp.description,
                     ort_disabled_optimizers=comp.ort_disabled_optimizers,
                 )
+            variants = _ort_variants(model, comps, tmp, max_context, rows, progress, task)
         console.print(parity_table(rows))
 
         model.tokenizer.save(str(tmp / TOKENIZER_FILE))
@@ -290,7 +310,7 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
             root=out, format_version=FORMAT_VERSION, qinyu_edge_version=qinyu_edge.__version__,
             config=cfg, layout=model.layout, components=specs, files=file_entries(tmp, files),
             origin={**model.origin, "preset": cfg.name if cfg.tiny else None, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-            opset=OPSET, parity={k: v for k, v in parity_summary.items() if k != "rows"},
+            opset=OPSET, parity={k: v for k, v in parity_summary.items() if k != "rows"}, ort_variants=variants,
         )
         write_manifest(dataclasses.replace(bundle, root=tmp))
         if not parity_summary["ok"]:

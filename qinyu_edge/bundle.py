@@ -17,9 +17,11 @@ from .errors import BundleError
 from .fileio import atomic_write_text, sha256_file
 from .tokens import TokenLayout
 
-# 3: the backbone takes `past_length` and masks cache rows past it (2: per-layer caches with a leading
-# null row, holding exactly the past; 1: joint [P, L, ...] caches).
-FORMAT_VERSION = 3
+# 4: optional `ort_variants` (3 reads the same otherwise). 3: the backbone takes `past_length` and masks
+# cache rows past it (2: per-layer caches with a leading null row, holding exactly the past; 1: joint
+# [P, L, ...] caches).
+FORMAT_VERSION = 4
+OLDEST_READABLE = 3
 MANIFEST = "bundle.json"
 
 
@@ -61,6 +63,9 @@ class Bundle:
     origin: dict[str, Any]
     opset: int
     parity: dict[str, Any] = field(default_factory=dict)
+    # Component -> the same component as a graph of ONNX Runtime's fused CPU operators (com.microsoft
+    # domain, same weights; see export/ort_backbone.py), which the ort backend runs on the CPU provider.
+    ort_variants: dict[str, ComponentSpec] = field(default_factory=dict)
 
     def path(self, component: str) -> Path:
         try:
@@ -82,6 +87,7 @@ class Bundle:
             "origin": self.origin,
             "opset": self.opset,
             "parity": self.parity,
+            "ort_variants": {k: asdict(v) for k, v in self.ort_variants.items()},
         }
         return json.dumps(d, indent=2, ensure_ascii=False)
 
@@ -124,9 +130,9 @@ def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
             f"{root} has bundle format {version!r}, newer than this qinyu-edge reads ({FORMAT_VERSION}). "
             "Upgrade qinyu-edge, or export the bundle with the version installed here."
         )
-    if version < FORMAT_VERSION:
+    if version < OLDEST_READABLE:
         raise BundleError(
-            f"{root} has bundle format {version}, older than this qinyu-edge reads ({FORMAT_VERSION}): its graphs "
+            f"{root} has bundle format {version}, older than this qinyu-edge reads ({OLDEST_READABLE}): its graphs "
             "have another interface. Export the bundle again with the version installed here."
         )
     try:
@@ -136,6 +142,7 @@ def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
             components={k: _component(v) for k, v in d["components"].items()},
             files={k: FileEntry(**v) for k, v in d["files"].items()},
             origin=d.get("origin", {}), opset=d["opset"], parity=d.get("parity", {}),
+            ort_variants={k: _component(v) for k, v in d.get("ort_variants", {}).items()},
         )
     except (KeyError, TypeError) as e:
         raise BundleError(f"{path} lacks or mangles the field {e}; export the bundle again.") from e

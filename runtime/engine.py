@@ -14,7 +14,7 @@ import numpy as np
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from qinyu_edge.bundle import Bundle, load_bundle
+from qinyu_edge.bundle import Bundle, ComponentSpec, load_bundle
 from qinyu_edge.config import SPEAKER_DIM
 from qinyu_edge.engine_manifest import EngineError, EngineSet
 from qinyu_edge.errors import BundleError, CheckpointError
@@ -39,6 +39,9 @@ class EngineOptions:
     threads: int | None = None
     context: int | None = None  # KV cache capacity; default: the bundle's largest past
     engines: str | None = None  # engine set folder from `qinyu-edge build` (backend "trt")
+    # ONNX Runtime on the CPU runs a component's fused-operator variant where the bundle has one
+    # (`Bundle.ort_variants`); False keeps the portable graphs (e.g. to compare the two).
+    ort_variants: bool = True
 
 
 class Engine:
@@ -50,6 +53,7 @@ class Engine:
         self.layout = self.bundle.layout
         self.tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
         self._engine_set = self._open_engine_set()
+        self._unloadable_variants: set[str] = set()
         self.sessions: dict[str, Session] = {}
         for name in self.bundle.components:
             if name != LAZY_COMPONENT:
@@ -60,9 +64,8 @@ class Engine:
         self.voices: dict[str, np.ndarray] = (
             load_file(str(root / SPEAKERS_FILE)) if (root / SPEAKERS_FILE).is_file() else {}
         )
-        spec = self.bundle.components["backbone"]
-        capacity = options.context or spec.shape_ranges["past"][2] - NULL_ROWS
-        self.cache = KVCache.for_backbone(spec, capacity)
+        capacity = options.context or self.bundle.components["backbone"].shape_ranges["past"][2] - NULL_ROWS
+        self.cache = KVCache.for_backbone(self.spec("backbone"), capacity)
         open_logits = (lambda: self.session(LAZY_COMPONENT)) if LAZY_COMPONENT in self.bundle.components else None
         self.generator = Generator(
             self.sessions["embedding"], self.sessions["backbone"], self.sessions["heads_greedy"], open_logits,
@@ -80,12 +83,21 @@ class Engine:
                               f"`qinyu-edge build --bundle {self.bundle.root}` wrote.")
         return EngineSet.load(opts.engines)
 
+    def spec(self, name: str) -> ComponentSpec:
+        """The component as this engine runs it: its ONNX Runtime CPU variant where that applies."""
+        opts = self.options
+        variant = self.bundle.ort_variants.get(name)
+        if (variant is not None and opts.ort_variants and opts.backend == "ort" and opts.provider == "cpu"
+                and name not in self._unloadable_variants):
+            return variant
+        return self.bundle.components[name]
+
     def session(self, name: str) -> Session:
         """The component's session, opened on first use (`heads_logits` is only needed for sampling, and
         holds a second copy of the LM head: 1.3 GB in fp16 on the 8B)."""
         if name in self.sessions:
             return self.sessions[name]
-        opts, spec = self.options, self.bundle.components[name]
+        opts, spec = self.options, self.spec(name)
         entry = None if self._engine_set is None else self._engine_set.engines.get(name)
         if entry is not None:
             # A plan built from a fallback bundle (another precision) cannot be matched to this bundle's file.
@@ -96,8 +108,17 @@ class Engine:
                 log.warning("%s: the engine set %s has no plan for it; it runs in ONNX Runtime", name,
                             self._engine_set.root)
             backend = "ort" if self._engine_set else opts.backend
-            session = open_session(self.bundle.path(name), backend, opts.provider, opts.threads,
-                                   spec.ort_disabled_optimizers)
+            try:
+                session = open_session(self.bundle.root / spec.file, backend, opts.provider, opts.threads,
+                                       spec.ort_disabled_optimizers)
+            except Exception as e:  # onnxruntime's errors share no narrower base class
+                if spec is self.bundle.components[name]:
+                    raise
+                # An ONNX Runtime older than the variant's operators: the portable graph does the same work.
+                log.warning("%s: ONNX Runtime cannot load its CPU variant %s (%s); running the portable graph. "
+                            "Upgrade onnxruntime for the faster one.", name, spec.file, str(e).splitlines()[0])
+                self._unloadable_variants.add(name)
+                return self.session(name)
         self.sessions[name] = session
         return session
 

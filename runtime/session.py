@@ -147,8 +147,11 @@ class OrtSession:
                 io.bind_output(n, "cpu")
                 bound.pop(n, None)
                 continue
+            if bound.get(n) is dst:  # bound in place last call, and still the same array
+                continue
             target = dst
-            if dst.nbytes <= COPY_OUTPUT_BYTES:
+            # An output that is one of the inputs (a cache the graph updates in place) is always bound in place.
+            if dst.nbytes <= COPY_OUTPUT_BYTES and not any(dst is a for a in inputs.values()):
                 # A small output (a decode step's new cache rows, each step a new view) lands in a
                 # buffer bound once and is copied out: a copy of a few KB is a microsecond, binding
                 # a new OrtValue several.

@@ -310,3 +310,20 @@ def test_whole_bundle_recipes_with_accuracy(preset_bundle, recipe, target, tmp_p
     for o in report.outputs:
         assert np.isfinite(o.mean) and -1.0 <= o.min <= o.mean <= 1.0 + 1e-9
     assert len(report.cases) == 5 and 0.0 <= report.overall <= 1.0
+
+
+def test_quantized_component_drops_its_ort_variant(tmp_path):
+    """The fp32 ONNX Runtime variant of a quantized backbone would run the old weights: it is dropped
+    (file and manifest entry), and kept when the backbone stays fp32."""
+    from qinyu_edge.runtime.engine import Engine
+
+    src = load_bundle(preset_bundle("tiny-8b"))
+    assert set(src.ort_variants) == {"backbone"}
+    calib8b = capture(src.root, CALIBRATION_CASES[:1], OPTIONS)
+    quantized = quantize_bundle(src.root, tmp_path / "q", "fp16", components=["backbone"], calibration=calib8b)
+    assert quantized.ort_variants == {} and not (quantized.root / src.ort_variants["backbone"].file).exists()
+    assert load_bundle(quantized.root).ort_variants == {}
+    assert not Engine(quantized.root).cache.in_place
+    kept = quantize_bundle(src.root, tmp_path / "k", "fp16", components=["audio_projector"], calibration=calib8b)
+    assert set(load_bundle(kept.root).ort_variants) == {"backbone"}
+    assert Engine(kept.root).cache.in_place

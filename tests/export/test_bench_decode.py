@@ -65,11 +65,13 @@ def test_onnx_step_equals_torch_step(built):
 def test_runners_resume_at_the_same_past(built):
     """Each round rewinds to the prefilled past: the same steps give the same ids/times shape."""
     _, _, mods, paths = built
-    ours = OursRunner(paths, backbone_spec(mods.backbone), TINY.hidden, steps=5, threads=1)
-    ours.prepare(7)
-    a, b = ours.run(7, 5), ours.run(7, 5)
-    assert len(a.step_ms) == len(b.step_ms) == 5 and ours.generators[7].cache.pos == 12
-    assert all(t > 0 for t in a.step_ms) and all(math.isfinite(t) for t in a.host_ms)
+    for fused in (True, False):
+        ours = OursRunner(paths, mods, steps=5, threads=1, fused=fused)
+        ours.prepare(7)
+        a, b = ours.run(7, 5), ours.run(7, 5)
+        assert len(a.step_ms) == len(b.step_ms) == 5 and ours.generators[7].cache.pos == 12
+        assert ours.generators[7].cache.in_place is fused
+        assert all(t > 0 for t in a.step_ms) and all(math.isfinite(t) for t in a.host_ms)
     torch_runner = TorchRunner(mods, steps=5, threads=1)
     torch_runner.prepare(7)
     assert len(torch_runner.run(7, 5).step_ms) == 5
@@ -77,7 +79,7 @@ def test_runners_resume_at_the_same_past(built):
 
 def test_whole_benchmark_on_a_tiny_shape(built):
     work = built[0]
-    contenders = ("genai", "ours", "torch", "transformers")
+    contenders = ("genai", "ours", "ours-portable", "torch", "transformers")
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError:
@@ -87,7 +89,8 @@ def test_whole_benchmark_on_a_tiny_shape(built):
     assert len(result.ms) == len(contenders)
     for per_past in result.ms.values():
         assert set(per_past) == {4, 16} and all(math.isfinite(v) and v > 0 for v in per_past.values())
-    assert set(result.host_ms) == {"ours"} and all(math.isfinite(v) for v in result.host_ms["ours"].values())
+    assert set(result.host_ms) == {"ours", "ours (portable)"}
+    assert all(math.isfinite(v) for per in result.host_ms.values() for v in per.values())
     assert result.parity["same_tokens"] == 1.0 and result.floor_ms > 0
     table = render(result)
     assert table.row_count == 2

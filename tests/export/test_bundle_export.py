@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from qinyu_edge.bundle import FORMAT_VERSION, MANIFEST, load_bundle
+from qinyu_edge.bundle import FORMAT_VERSION, MANIFEST, OLDEST_READABLE, load_bundle
 from qinyu_edge.cli import main
 from qinyu_edge.errors import BundleError
 from qinyu_edge.export.bundle_export import export_bundle
@@ -32,7 +32,16 @@ def test_bundle_has_every_component_and_passes_parity(exported):
     assert bundle.format_version == FORMAT_VERSION and bundle.config.name == name
     assert bundle.parity["ok"] and bundle.parity["worst_rel"] <= 1e-4
     rows = json.loads((out / "parity.json").read_text())["rows"]
-    assert {r["component"] for r in rows} == COMPONENTS
+    # The Qwen3 backbone also has its ONNX Runtime CPU graph, checked like the components.
+    variants = {"backbone"} if name == "tiny-8b" else set()
+    assert set(bundle.ort_variants) == variants
+    assert {r["component"] for r in rows} == COMPONENTS | {f"{v} (ort cpu)" for v in variants}
+    for v in variants:
+        spec = bundle.ort_variants[v]
+        model = onnx.load(str(out / spec.file))
+        assert {o.domain for o in model.opset_import} == {"", "com.microsoft"}
+        assert [i.name for i in model.graph.input] == [t.name for t in spec.inputs]
+        assert [o.name for o in model.graph.output] == [t.name for t in spec.outputs]
     assert all(r["rel"] <= 1e-4 for r in rows)
     for comp in bundle.components.values():
         model = onnx.load(str(out / comp.file))
@@ -93,10 +102,15 @@ def test_newer_format_is_refused(exported, tmp_path):
     (copy / MANIFEST).write_text(json.dumps(d))
     with pytest.raises(BundleError, match="Upgrade qinyu-edge"):
         load_bundle(copy)
-    d["format_version"] = FORMAT_VERSION - 1
+    d["format_version"] = OLDEST_READABLE - 1
     (copy / MANIFEST).write_text(json.dumps(d))
     with pytest.raises(BundleError, match="Export the bundle again"):
         load_bundle(copy)
+    # Format 3 differs only by lacking the optional ONNX Runtime variants: still read.
+    d["format_version"] = 3
+    del d["ort_variants"]
+    (copy / MANIFEST).write_text(json.dumps(d))
+    assert load_bundle(copy).ort_variants == {}
 
 
 def test_existing_output_needs_force(exported, capsys):

@@ -3,6 +3,7 @@
 import threading
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -15,10 +16,16 @@ from qinyu_edge.runtime.sampling import SamplingConfig
 PROMPT = "<|im_start|>user\nHello there, how are you?<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module")
-def engine(preset_bundle):
+@pytest.fixture(scope="module", params=[True, False], ids=["ort-variant", "portable"])
+def engine(preset_bundle, request):
+    """Each preset's engine as the CPU runs it by default (the backbone's ONNX Runtime variant where
+    the bundle has one), and on the portable graphs."""
     name, path = preset_bundle
-    return name, Engine(path)
+    eng = Engine(path, EngineOptions(ort_variants=request.param))
+    if not request.param and not eng.bundle.ort_variants:
+        pytest.skip("this bundle has no ONNX Runtime variants: the default run covers its graphs")
+    assert eng.cache.in_place == bool(request.param and eng.bundle.ort_variants)
+    return name, eng
 
 
 def prompt_embeds(eng, text=PROMPT):
@@ -57,8 +64,9 @@ def test_bytes_moved_per_step_do_not_grow_with_context(engine):
     short, long = moved_in_steps(4), moved_in_steps(min(cache.capacity - 10, 2000))
     assert short == long
     # and what is moved is only the small per-step tensors (the last hidden state, the new cache rows
-    # copied out of their bound buffers), never the cache
-    new_rows = sum(b[0].nbytes for b in cache.buffers)
+    # copied out of their bound buffers), never the cache; a graph that updates the cache in place
+    # moves no cache bytes at all
+    new_rows = 0 if cache.in_place else sum(b[0].nbytes for b in cache.buffers)
     assert short == 5 * (4 * h + new_rows)
 
 
@@ -71,12 +79,14 @@ def test_new_positions_land_in_the_cache_slot(engine):
     assert cache.pos == n
     before = [b[:n].copy() for b in cache.positions]
     x = np.ones((1, 1, eng.config.backbone.hidden_size), np.float32)
-    spec_inputs = {"inputs_embeds": x, **cache.past()}
-    plain = eng.sessions["backbone"].run(spec_inputs)
     gen._forward(x)
-    for name, buf, old in zip(cache.names_out, cache.positions, before):
+    new = [b[n : n + 1].copy() for b in cache.positions]
+    for buf, old in zip(cache.positions, before):
         np.testing.assert_array_equal(buf[:n], old)  # the past is untouched
-        np.testing.assert_allclose(buf[n : n + 1], plain[name], rtol=1e-6, atol=1e-6)
+    # The step's position is where a prefill of the prompt plus that input puts it.
+    gen.prefill(np.concatenate([emb, x], axis=1))
+    for buf, row in zip(cache.positions, new):
+        np.testing.assert_allclose(buf[n : n + 1], row, rtol=1e-5, atol=1e-5)
 
 
 def test_cancel_between_steps(engine):
@@ -128,3 +138,33 @@ def test_full_context(preset_bundle):
     small = Engine(path, EngineOptions(context=n - 1))
     with pytest.raises(ContextFullError, match="context window is full"):
         small.generator.generate(prompt_embeds(small), max_new_tokens=10)
+
+
+def test_a_variant_onnx_runtime_cannot_load_falls_back_to_the_portable_graph(preset_bundle, tmp_path, caplog):
+    """An ONNX Runtime without the variant's operators (e.g. an older JetPack build) still runs the
+    bundle, on the portable backbone, and says why."""
+    import json
+    import shutil
+
+    from qinyu_edge.bundle import MANIFEST
+    from qinyu_edge.fileio import sha256_file
+
+    name, path = preset_bundle
+    if name != "tiny-8b":
+        pytest.skip("only the Qwen3 bundle has an ONNX Runtime variant")
+    copy = tmp_path / "bundle"
+    shutil.copytree(path, copy)
+    variant = json.loads((copy / MANIFEST).read_text())["ort_variants"]["backbone"]["file"]
+    model = onnx.load(str(copy / variant))
+    for node in model.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            node.op_type = "GroupQueryAttentionFromTheFuture"
+    onnx.save_model(model, str(copy / variant))
+    d = json.loads((copy / MANIFEST).read_text())
+    d["files"][variant] = {"sha256": sha256_file(copy / variant), "bytes": (copy / variant).stat().st_size}
+    (copy / MANIFEST).write_text(json.dumps(d))
+    eng = Engine(copy)
+    assert not eng.cache.in_place and "cannot load its CPU variant" in caplog.text
+    ref = Engine(path, EngineOptions(ort_variants=False))
+    emb = prompt_embeds(eng)
+    assert eng.generator.generate(emb, 20).tokens == ref.generator.generate(emb, 20).tokens
