@@ -178,11 +178,6 @@ def _load_average() -> float | None:
         return None
 
 
-def kv_bytes_per_position(cache: Any) -> int:
-    """Bytes one position takes in every cache buffer together (all are time-major)."""
-    return int(sum(b[0].nbytes for b in cache.buffers))
-
-
 # --- speech -------------------------------------------------------------------------------------------
 
 def render_speech(folder: Path) -> list[Path]:
@@ -698,7 +693,7 @@ class Bench:
         cache = eng.cache
         self._add(Figure("memory/kv_cache_bytes", "memory", "KV cache (preallocated, whole capacity)", "bytes",
                          "lower", float(cache.nbytes),
-                         params={"capacity": cache.capacity, "bytes_per_position": kv_bytes_per_position(cache),
+                         params={"capacity": cache.capacity, "bytes_per_position": cache.bytes_per_position,
                                  "dtype": str(cache.buffers[0].dtype)}))
         peak = telemetry.peak_rss_bytes()
         if peak is not None:
@@ -821,7 +816,7 @@ class Bench:
             per_row = 4 * h  # float32 embedding rows
             emb_rows = self.bundle.layout.n_codebooks * per_row
             step_bytes = w["backbone"] + w["heads_greedy"] + emb_rows
-            per_pos = kv_bytes_per_position(self.engine.cache)
+            per_pos = self.engine.cache.bytes_per_position
             bw = self.bandwidth["gbs"]
             roof = {
                 "bandwidth_gbs": bw, "bandwidth_source": self.bandwidth["source"],

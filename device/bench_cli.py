@@ -32,6 +32,8 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--engines", type=Path, help="TensorRT engine folder from `qinyu-edge build` (with --backend trt)")
     b.add_argument("--backend", choices=["ort", "trt"], default="ort")
     b.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="ONNX Runtime provider")
+    b.add_argument("--portable", action="store_true",
+                   help="time the portable graphs even where the bundle has a faster ONNX Runtime CPU variant")
     b.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")
     b.add_argument("--context", type=int, default=None, help="KV cache positions (default: the bundle's maximum)")
     b.add_argument("--target", default=None,
@@ -101,7 +103,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not w.is_file():
             raise QinyuError(f"--wav {w}: no such file")
     bench = Bench(args.bundle, EngineOptions(backend=args.backend, provider=args.provider, threads=args.threads,
-                                             context=args.context, engines=str(args.engines) if args.engines else None),
+                                             context=args.context, engines=str(args.engines) if args.engines else None,
+                                             ort_variants=not args.portable),
                   options)
     out = args.out or Path(f"bench-{bench.bundle.config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     err = _console(stderr=True)

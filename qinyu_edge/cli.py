@@ -76,7 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     wav = load_16k_mono(args.input) if args.input is not None else None
     engine = Engine(args.bundle, EngineOptions(backend="trt" if args.engines else "ort", provider=args.provider,
                                                threads=args.threads, context=args.context,
-                                               engines=str(args.engines) if args.engines else None))
+                                               engines=str(args.engines) if args.engines else None,
+                                               ort_variants=not args.portable))
     conv = Conversation(engine, mode=args.mode, voice=_load_voice(args.voice), role_description=args.role,
                         max_new_tokens=args.max_new_tokens, sampling=sampling, schedule=schedule)
     reply = conv.ask(wav, args.text or "", user_speaker=not args.no_user_speaker)
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="ONNX Runtime provider")
     r.add_argument("--engines", type=Path, help="run the TensorRT plans of this engine set (from `qinyu-edge build`)")
+    r.add_argument("--portable", action="store_true",
+                   help="run the portable graphs even where the bundle has a faster ONNX Runtime CPU variant")
     r.add_argument("--threads", type=int, default=None)
     r.add_argument("--context", type=int, default=None, help="KV cache positions (default: the bundle's maximum)")
     r.set_defaults(func=cmd_run)

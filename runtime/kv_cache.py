@@ -70,6 +70,11 @@ class KVCache:
         return sum(b.nbytes for b in self.buffers)
 
     @property
+    def bytes_per_position(self) -> int:
+        """Bytes one position takes in all buffers together."""
+        return sum(b.nbytes // self.capacity if self.in_place else b[0].nbytes for b in self.buffers)
+
+    @property
     def positions(self) -> tuple[np.ndarray, ...]:
         """Per name, positions 0..capacity-1 along the first axis (views; batch item 0 when head-major)."""
         if self.in_place:

@@ -47,6 +47,19 @@ def test_run_text_and_tts(preset_bundle, tmp_path):
     assert report["schedule"][0] == 8
 
 
+def test_portable_graphs_give_the_same_reply(preset_bundle, question, tmp_path):
+    """`--portable` runs the portable backbone instead of the bundle's ONNX Runtime CPU variant: the
+    same reply, token for token."""
+    _, bundle = preset_bundle
+    reports = []
+    for extra in ([], ["--portable"]):
+        out = tmp_path / f"reply{len(extra)}.wav"
+        assert main(["run", "--bundle", str(bundle), "--input", str(question), "--output", str(out),
+                     "--max-new-tokens", "60", *extra]) == 0
+        reports.append(json.loads(out.with_suffix(".json").read_text()))
+    assert reports[0]["tokens"] == reports[1]["tokens"] and len(reports[0]["tokens"]) > 0
+
+
 def err_of(capsys, argv):
     assert main(argv) == 2
     return capsys.readouterr().err
