@@ -141,6 +141,7 @@ class OrtSession:
             io.bind_cpu_input(n, a)
             bound[n] = a
         copies: list[tuple[np.ndarray, np.ndarray]] = []
+        inputs_by_id: set[int] | None = None  # built only when a small output needs the alias check
         for n in self.output_names:
             dst = into.get(n)
             if dst is None:
@@ -151,7 +152,9 @@ class OrtSession:
                 continue
             target = dst
             # An output that is one of the inputs (a cache the graph updates in place) is always bound in place.
-            if dst.nbytes <= COPY_OUTPUT_BYTES and not any(dst is a for a in inputs.values()):
+            if dst.nbytes <= COPY_OUTPUT_BYTES and inputs_by_id is None:
+                inputs_by_id = {id(a) for a in inputs.values()}
+            if dst.nbytes <= COPY_OUTPUT_BYTES and id(dst) not in inputs_by_id:
                 # A small output (a decode step's new cache rows, each step a new view) lands in a
                 # buffer bound once and is copied out: a copy of a few KB is a microsecond, binding
                 # a new OrtValue several.
