@@ -16,6 +16,8 @@ One decode step, for each contender (all fp32 on the CPU, `--threads` intra-op t
   the `KVCache` and the new position bound into its slot (IO binding, no cache copy).
 - genai: `Generator.generate_next_token()`: its one graph (embedding, layers, lm_head) for one
   position over its shared past/present buffer, then greedy search on the host.
+- genai graph: genai's model.onnx run by our session (`GenaiGraphRunner`): the same graph under
+  the runtime's thread settings, greedy on the host.
 - torch (ours): the same three modules in PyTorch with a preallocated cache (views, no concat).
 - transformers: Qwen3ForCausalLM, eager attention, DynamicCache, argmax of the last logits.
 `--spin-us N` adds our step once more with intra-op workers spinning N us between parallel
@@ -461,6 +463,46 @@ class GenaiRunner:
         return Timed(times)
 
 
+class GenaiGraphRunner:
+    """genai's model graph run by our session (`OrtSession`, the runtime's thread settings: workers do
+    not spin) over a shared past/present buffer, greedy on the host: genai's graph against ours under
+    the same execution policy, without its C++ loop and its spinning thread pool."""
+
+    name = "genai graph, our session"
+
+    def __init__(self, folder: Path, steps: int, threads: int):
+        cfg = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
+        self.session = open_session(folder / "model.onnx", threads=threads)
+        self.layers, self.kv_heads, self.head = cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_size"]
+        self.vocab = json.loads((folder / "genai_config.json").read_text())["model"]["vocab_size"]
+        self.steps = steps
+        self.state: dict[int, tuple[dict[str, np.ndarray], np.ndarray]] = {}
+
+    def _run(self, ids: np.ndarray, caches: dict[str, np.ndarray], pos: int, logits: np.ndarray | None) -> np.ndarray:
+        mask = np.ones((1, pos + ids.shape[1]), np.int64)
+        into = {n.replace("past_key_values", "present"): b for n, b in caches.items()}
+        if logits is not None:
+            into["logits"] = logits
+        return self.session.run({"input_ids": ids, "attention_mask": mask, **caches}, into=into)["logits"]
+
+    def prepare(self, past: int) -> None:
+        shape = (1, self.kv_heads, past + self.steps + 1, self.head)
+        caches = {f"past_key_values.{i}.{k}": np.zeros(shape, np.float32) for i in range(self.layers)
+                  for k in ("key", "value")}
+        self._run(_random_ids(past, self.vocab, past).reshape(1, -1), caches, 0, None)
+        self.state[past] = (caches, np.zeros((1, 1, self.vocab), np.float32))
+
+    def run(self, past: int, steps: int) -> Timed:
+        caches, logits = self.state[past]
+        token, times = np.array([[5]], np.int64), []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            self._run(token, caches, past + i, logits)
+            token[0, 0] = int(logits[0, 0].argmax())
+            times.append((time.perf_counter() - t0) * 1e3)
+        return Timed(times)
+
+
 def copy_bandwidth(threads: int, nbytes: int = 1 << 29, repeats: int = 7) -> float:
     """GB/s of a large numpy copy split over `threads` threads (numpy copies without the GIL),
     counting bytes read plus bytes written; the best of `repeats`."""
@@ -489,7 +531,7 @@ class BenchOptions:
     rounds: int = 3
     threads: int = 2
     work: Path = Path(os.environ.get("QINYU_EDGE_CACHE", Path.home() / ".cache" / "qinyu-edge")) / "bench_decode"
-    contenders: tuple[str, ...] = ("genai", "ours", "ours-portable", "torch", "transformers")
+    contenders: tuple[str, ...] = ("genai", "genai-graph", "ours", "ours-portable", "torch", "transformers")
     spin_us: int = 0  # for an extra "ours (spin N us)" contender: intra-op workers spin between sections
 
 
@@ -561,13 +603,14 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> BenchRes
     result.parity = step_parity(mods, paths)
     runners: list[Runner] = []
     for c in options.contenders:
-        if c == "genai":
+        if c in ("genai", "genai-graph"):
             try:
                 import onnxruntime_genai  # noqa: F401
             except ImportError:
                 console.print(f"[yellow]onnxruntime-genai is not installed ({GENAI_INSTALL}); skipping it[/]")
                 continue
-            runners.append(GenaiRunner(build_genai(ckpt, work / "genai"), options.steps, options.threads))
+            runner = GenaiRunner if c == "genai" else GenaiGraphRunner
+            runners.append(runner(build_genai(ckpt, work / "genai"), options.steps, options.threads))
         elif c == "ours":
             runners.append(OursRunner(paths, mods, options.steps, options.threads))
             if options.spin_us:
@@ -581,7 +624,7 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> BenchRes
         elif c == "transformers":
             runners.append(TransformersRunner(ckpt, options.threads))
         else:
-            raise ValueError(f"unknown contender {c!r}; choose from genai, ours, ours-portable, torch, transformers")
+            raise ValueError(f"unknown contender {c!r}; choose from {', '.join(BenchOptions.contenders)}")
     for past in options.pasts:
         for r in runners:
             t0 = time.perf_counter()
@@ -619,6 +662,8 @@ def render(result: BenchResult) -> Table:
         suffix = f" ({tag})" if tag else ""
         if genai in ms:
             extra.append((f"ours{suffix} / genai", lambda p, n=n: f"{ms[n][p] / ms[genai][p]:.2f}"))
+        if not tag and GenaiGraphRunner.name in ms:
+            extra.append(("ours / genai graph", lambda p, n=n: f"{ms[n][p] / ms[GenaiGraphRunner.name][p]:.2f}"))
         if not tag and torch_ref in ms:
             extra.append(("ours / torch", lambda p, n=n: f"{ms[n][p] / ms[torch_ref][p]:.2f}"))
         if not tag:

@@ -79,11 +79,11 @@ def test_runners_resume_at_the_same_past(built):
 
 def test_whole_benchmark_on_a_tiny_shape(built):
     work = built[0]
-    contenders = ("genai", "ours", "ours-portable", "torch", "transformers")
+    contenders = ("genai", "genai-graph", "ours", "ours-portable", "torch", "transformers")
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError:
-        contenders = contenders[1:]
+        contenders = contenders[2:]
     opts = BenchOptions(shape=TINY, pasts=(4, 16), steps=4, rounds=2, threads=1, work=work, contenders=contenders)
     result = run_bench(opts)
     assert len(result.ms) == len(contenders)
