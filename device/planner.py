@@ -9,8 +9,10 @@ Memory counted (all of it on a Jetson, whose DRAM the CPU shares; only the devic
 - the KV cache, preallocated for the whole context (time-major, runtime/kv_cache.py); the 4B caches
   the MLA latent plus the rope key, not per-head keys and values;
 - activations: TensorRT sizes each engine's scratch for its profile maximum, one layer live at a
-  time; attention scores are counted as materialised (fused attention is not assumed);
-- workspace: the CUDA context with TensorRT/cuBLAS loaded, and per-engine tactic scratch;
+  time; attention scores are counted as materialised (fused attention is not assumed). The
+  encoder, CAM++, the projectors and the XY decoder never run at once and share one block of
+  context memory (runtime/trt_session.py SharedScratch): the largest of them counts, not the sum;
+- workspace: the CUDA context with TensorRT/cuBLAS loaded, and per-context tactic scratch;
 - the voice loop on the host: Python with onnxruntime and the tokenizer, Silero VAD, Smart Turn,
   audio buffers.
 The budget is the target's memory less the system's share, less a safety margin.
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from qinyu_edge.config import ModelConfig, ProjectorConfig, preset
+from qinyu_edge.engine_manifest import SHARED_SCRATCH_COMPONENTS
 from qinyu_edge.errors import ConfigError
 
 from .targets import GB, PRECISIONS, TARGETS, Target, get_target
@@ -203,6 +206,8 @@ class PlanOptions:
     runtime_bytes: int | None = None  # None: RUNTIME_UNIFIED_BYTES or RUNTIME_DISCRETE_BYTES
     system_reserved_bytes: int | None = None  # None: the target's
     max_turn_seconds: float = 60.0  # longest user turn held in the capture buffer
+    # The runtime gives SHARED_SCRATCH_COMPONENTS one context memory; False counts each on its own.
+    shared_scratch: bool = True
 
 
 @dataclass(frozen=True)
@@ -265,23 +270,32 @@ def memory_items(cfg: ModelConfig, target: Target, recipe: Recipe, context: int,
     rows = ENCODER_MAX_FRAMES + len(sv.query_ids)
     enc = rows * (sv.input_size + 4 * sv.output_size + sv.linear_units + 3 * sv.output_size) \
         + 2 * sv.attention_heads * rows * rows
-    add("activations", "encoder", 2 * enc, f"{ENCODER_MAX_FRAMES} frames (30 s of speech)")
     frames = xy.adapter.max_positions
     d = xy.decoder
     dec = 4 * frames * (4 * d.d_model + d.ffn_dim) + 2 * d.heads * (4 * frames) ** 2 \
         + 8 * frames * (xy.vocos_intermediate + 2 * xy.vocos_dim + xy.n_fft + 2)
-    add("activations", "XY decoder", 2 * dec + 8 * frames * xy.hop_length * 4,
-        f"{frames}-code window (the bundle's profile maximum)")
     c = cfg.campplus
-    add("activations", "CAM++", 4 * 4 * CAMPP_CHUNK_FRAMES * (c.init_channels + c.growth_rate * max(c.block_layers)),
-        "one 10 s chunk, fp32")
+    between_turns = (
+        ("encoder", 2 * enc, f"{ENCODER_MAX_FRAMES} frames (30 s of speech)"),
+        ("XY decoder", 2 * dec + 8 * frames * xy.hop_length * 4, f"{frames}-code window (the bundle's profile maximum)"),
+        ("CAM++", 4 * 4 * CAMPP_CHUNK_FRAMES * (c.init_channels + c.growth_rate * max(c.block_layers)),
+         "one 10 s chunk, fp32"),
+    )
+    if options.shared_scratch:
+        name, nbytes, _ = max(between_turns, key=lambda t: t[1])
+        add("activations", "shared scratch", nbytes,
+            f"one context memory for {', '.join(SHARED_SCRATCH_COMPONENTS)}: the largest, the {name}'s, counts")
+    else:
+        for name, nbytes, note in between_turns:
+            add("activations", name, nbytes, note)
 
     # Workspace.
     runtime = options.runtime_bytes
     if runtime is None:
         runtime = RUNTIME_UNIFIED_BYTES if target.unified_memory else RUNTIME_DISCRETE_BYTES
     add("workspace", "CUDA context + TensorRT runtime", runtime, "assumption, UNVERIFIED")
-    add("workspace", "engine scratch", len(ENGINES) * ENGINE_SCRATCH_BYTES, f"{len(ENGINES)} engines x 32 MiB")
+    contexts = len(ENGINES) - (len(SHARED_SCRATCH_COMPONENTS) - 1 if options.shared_scratch else 0)
+    add("workspace", "engine scratch", contexts * ENGINE_SCRATCH_BYTES, f"{contexts} context memories x 32 MiB")
 
     # Voice loop, on the CPU.
     if options.voice_loop:

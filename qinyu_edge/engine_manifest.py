@@ -25,6 +25,10 @@ from .errors import QinyuError
 from .fileio import atomic_write_text
 
 MANIFEST = "manifest.json"
+# Components that run only between replies or one after another in the reply loop, never two at
+# once: their TensorRT contexts share one block of execution memory (runtime/trt_session.py), and
+# the planner counts the largest of them instead of the sum.
+SHARED_SCRATCH_COMPONENTS = ("encoder", "audio_projector", "speaker_projector", "campplus", "xy_decoder")
 FORMAT_VERSION = 1
 
 # Serialized-engine header, as trtexec `--getPlanVersionOnly` reads it in NVIDIA's own sample code

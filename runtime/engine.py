@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from qinyu_edge.bundle import Bundle, ComponentSpec, load_bundle
 from qinyu_edge.config import SPEAKER_DIM
-from qinyu_edge.engine_manifest import EngineError, EngineSet
+from qinyu_edge.engine_manifest import SHARED_SCRATCH_COMPONENTS, EngineError, EngineSet
 from qinyu_edge.errors import BundleError, CheckpointError
 
 from .frontend import FrontendConfig, SenseVoiceFrontend, campplus_chunks, campplus_fbank
@@ -53,6 +53,7 @@ class Engine:
         self.layout = self.bundle.layout
         self.tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
         self._engine_set = self._open_engine_set()
+        self._scratch = None  # a trt_session.SharedScratch once a plan of SHARED_SCRATCH_COMPONENTS opens
         self._unloadable_variants: set[str] = set()
         self.sessions: dict[str, Session] = {}
         for name in self.bundle.components:
@@ -102,7 +103,14 @@ class Engine:
         if entry is not None:
             # A plan built from a fallback bundle (another precision) cannot be matched to this bundle's file.
             sha = self.bundle.files[spec.file].sha256 if entry.bundle == self._engine_set.bundle else None
-            session = open_session(self._engine_set.root / entry.plan_file, "trt", onnx_sha256=sha)
+            scratch = None
+            if name in SHARED_SCRATCH_COMPONENTS:
+                if self._scratch is None:
+                    from .trt_session import SharedScratch
+
+                    self._scratch = SharedScratch.on_device()
+                scratch = self._scratch
+            session = open_session(self._engine_set.root / entry.plan_file, "trt", onnx_sha256=sha, scratch=scratch)
         else:
             if self._engine_set is not None:
                 log.warning("%s: the engine set %s has no plan for it; it runs in ONNX Runtime", name,

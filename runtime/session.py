@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 
@@ -189,11 +189,11 @@ class OrtSession:
 
 def open_session(path: str | os.PathLike, backend: str = "ort", provider: str = "cpu",
                  threads: int | None = None, disabled_optimizers: tuple[str, ...] = (), spin_us: int = 0,
-                 onnx_sha256: str | None = None) -> Session:
+                 onnx_sha256: str | None = None, scratch: Any = None) -> Session:
     if backend == "ort":
         return OrtSession(path, provider, threads, disabled_optimizers, spin_us)
     if backend == "trt":  # `path` is a .plan of an engine set; its manifest (and `onnx_sha256`) is checked first
         from .trt_session import TrtSession
 
-        return TrtSession(path, onnx_sha256)
+        return TrtSession(path, onnx_sha256, scratch=scratch)  # scratch: a trt_session.SharedScratch
     raise BackendError(f"unknown backend {backend!r}: choose 'ort' (ONNX files) or 'trt' (plans from `qinyu-edge build`).")

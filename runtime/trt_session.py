@@ -13,6 +13,12 @@ device-to-device behind that input, so later calls upload nothing of the past. C
 changes such a buffer only through this session's outputs (the KV cache only advances, rewinds or
 resets, so it holds).
 
+Engines that never run at the same time (the encoder, CAM++, the projectors, the XY decoder) can
+share one block of execution-context memory (`SharedScratch`): their contexts are created without
+memory of their own (USER_MANAGED) and all point at one buffer sized for the largest of them, so
+a board pays for one engine's activations instead of the sum. A lock keeps two of them from ever
+running at once, whatever the caller's threads do.
+
 tensorrt and cuda-python are imported lazily: this module imports on any machine.
 """
 
@@ -20,11 +26,13 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -184,6 +192,59 @@ class DeviceBuffer:
             self.ptr = 0
 
 
+class SharedScratch:
+    """One device buffer that several execution contexts use as their memory, one at a time.
+
+    Each context attaches with the bytes it needs (its engine's `device_memory_size_v2`: the
+    largest over its profiles). The buffer grows to the largest need; when it grows, every context
+    already attached is pointed at the new buffer before the old one is freed. `lock` is held for
+    the whole of a run, so contexts sharing the buffer never run concurrently."""
+
+    def __init__(self, allocate: Callable[[int], DeviceBuffer]):
+        self._allocate = allocate
+        self._buffer: DeviceBuffer | None = None
+        self._needs: dict[int, tuple[Any, int]] = {}  # id(context) -> (context, bytes it needs)
+        self.lock = threading.Lock()
+
+    @classmethod
+    def on_device(cls) -> SharedScratch:
+        cudart = import_cudart()
+        return cls(lambda nbytes: DeviceBuffer(cudart, nbytes))
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buffer is None else self._buffer.nbytes
+
+    @property
+    def separate_bytes(self) -> int:
+        """What the attached contexts would take with memory of their own."""
+        return sum(need for _, need in self._needs.values())
+
+    def attach(self, ctx: Any, need: int) -> None:
+        with self.lock:
+            self._needs[id(ctx)] = (ctx, int(need))
+            if self._buffer is None or need > self._buffer.nbytes:
+                old, self._buffer = self._buffer, self._allocate(int(need))
+                log.debug("shared scratch: %d bytes for %d context(s)", self._buffer.nbytes, len(self._needs))
+                for other, _ in self._needs.values():
+                    self._point(other)
+                if old is not None:
+                    old.free()
+            else:
+                self._point(ctx)
+
+    def _point(self, ctx: Any) -> None:
+        assert self._buffer is not None
+        ctx.set_device_memory(self._buffer.ptr, self._buffer.nbytes)
+
+    def detach(self, ctx: Any) -> None:
+        with self.lock:
+            self._needs.pop(id(ctx), None)
+            if not self._needs and self._buffer is not None:
+                self._buffer.free()
+                self._buffer = None
+
+
 def _volume(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
@@ -194,7 +255,8 @@ def _volume(shape: tuple[int, ...]) -> int:
 class TrtSession:
     """One TensorRT plan of an engine set, run with host numpy arrays in and out."""
 
-    def __init__(self, plan_path: str | os.PathLike, onnx_sha256: str | None = None, device: int = 0):
+    def __init__(self, plan_path: str | os.PathLike, onnx_sha256: str | None = None, device: int = 0,
+                 scratch: SharedScratch | None = None):
         plan_path = Path(plan_path)
         self.name = plan_path.stem
         if plan_path.suffix == ".onnx":
@@ -225,9 +287,15 @@ class TrtSession:
             raise EngineError(f"{plan_path}: TensorRT refused the plan although its manifest matches this machine "
                               f"(the reason is in the TensorRT log above). Rebuild it: {entry.rebuild}")
         self._engine = engine
-        self._ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.STATIC)
+        self._scratch = scratch
+        if scratch is None:
+            self._ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.STATIC)
+        else:
+            self._ctx = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if self._ctx is None:
             raise BackendError(f"{self.name}: TensorRT could not create an execution context (out of device memory?)")
+        if scratch is not None:
+            scratch.attach(self._ctx, engine.device_memory_size_v2)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = tuple(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
         self.output_names = tuple(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
@@ -369,6 +437,14 @@ class TrtSession:
                 raise BackendError(f"{self.name}: output {n} has a data-dependent shape {list(s)}; this session "
                                    "does not support those")
             self._ensure(n, _volume(s) * self._dtypes[n].itemsize)
+        with self._scratch.lock if self._scratch is not None else nullcontext():
+            results = self._execute(arrays, shapes, into)
+        self.stats.busy_ms += (time.perf_counter() - t0) * 1e3
+        return results
+
+    def _execute(self, arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
+                 into: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Enqueue, copy the outputs out, and wait: the span in which the context's memory is in use."""
         if not self._ctx.execute_async_v3(int(self._stream)):
             raise BackendError(f"{self.name}: TensorRT failed to enqueue the inference (see the TensorRT log)")
         results: dict[str, np.ndarray] = {}
@@ -391,11 +467,13 @@ class TrtSession:
                         self._copy(target.ptr + offset, src.ptr, dst.nbytes, "cudaMemcpyDeviceToDevice")
             results[n] = dst
         cuda_check(self._cudart, self._cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
-        self.stats.busy_ms += (time.perf_counter() - t0) * 1e3
         return results
 
     def close(self) -> None:
         """Free device memory now instead of at garbage collection."""
+        if getattr(self, "_scratch", None) is not None:
+            self._scratch.detach(self._ctx)
+            self._scratch = None
         buffers = getattr(self, "_buffers", {})  # absent when __init__ refused the plan
         for buf in buffers.values():
             buf.free()
@@ -413,5 +491,5 @@ class TrtSession:
 
 __all__ = [
     "TensorRTMissing", "tensorrt_install_hint", "import_tensorrt", "installed_trt_version", "import_cudart",
-    "cuda_check", "CudaDevice", "cuda_device", "HostMirror", "DeviceBuffer", "TrtSession",
+    "cuda_check", "CudaDevice", "cuda_device", "HostMirror", "DeviceBuffer", "SharedScratch", "TrtSession",
 ]

@@ -189,6 +189,22 @@ def test_tied_matrix_copies_and_fused_attention():
     assert total_bytes(Q8, t, Recipe("int4"), 4096) - fused == 2 * 2 * b.num_attention_heads * 512 * 4096
 
 
+@pytest.mark.parametrize("cfg", [Q4, Q8])
+def test_engines_that_never_run_together_count_their_largest_scratch(cfg):
+    t = TARGETS["orin-nano-8"]
+    own = memory_items(cfg, t, Recipe("int4"), 4096, PlanOptions(shared_scratch=False))
+    shared = memory_items(cfg, t, Recipe("int4"), 4096)
+    each = {i.name: i.bytes for i in own if i.group == "activations" and i.name in ("encoder", "XY decoder", "CAM++")}
+    assert len(each) == 3 and all(n > 0 for n in each.values())
+    one = [i for i in shared if i.name == "shared scratch"]
+    assert len(one) == 1 and one[0].bytes == max(each.values()) and one[0].group == "activations"
+    assert not {i.name for i in shared if i.group == "activations"} & set(each)
+    scratch = {label: next(i.bytes for i in items if i.name == "engine scratch") for label, items in (("own", own), ("shared", shared))}
+    assert scratch["own"] - scratch["shared"] == 4 * 32 * 2**20  # five contexts' memories become one
+    saved = sum(i.bytes for i in own) - sum(i.bytes for i in shared)
+    assert saved == sum(each.values()) - max(each.values()) + 4 * 32 * 2**20
+
+
 def test_alternatives_are_true():
     """Every 'fits up to N' the planner suggests is checked by planning it."""
     p = plan_for("orin-nx-16", "8b", "int8", 8192)

@@ -40,13 +40,13 @@ import tensorrt as trt  # noqa: E402
 from qinyu_edge.bundle import load_bundle  # noqa: E402
 from qinyu_edge.device.targets import Target  # noqa: E402
 from qinyu_edge.engine_manifest import (  # noqa: E402
-    MANIFEST, EngineError, EngineSet, parse_trt_version, read_plan_header, rebuild_command, same_trt_build,
+    MANIFEST, SHARED_SCRATCH_COMPONENTS, EngineError, EngineSet, parse_trt_version, read_plan_header, rebuild_command, same_trt_build,
 )
 from qinyu_edge.engines.builder import build_all  # noqa: E402
 from qinyu_edge.engines.plan import BuildOptions, make_build_plans  # noqa: E402
 from qinyu_edge.runtime.kv_cache import KVCache  # noqa: E402
 from qinyu_edge.runtime.session import OrtSession, open_session  # noqa: E402
-from qinyu_edge.runtime.trt_session import TrtSession, cuda_device  # noqa: E402
+from qinyu_edge.runtime.trt_session import SharedScratch, TrtSession, cuda_device  # noqa: E402
 
 # TensorRT may run fp32 matrix products in TF32 (on by default), ~1e-3 relative.
 TOLERANCE = 2e-2
@@ -128,6 +128,29 @@ def test_components_match_onnx_runtime(built):
                 assert np.mean(got[name] == want) >= 0.75, (plan.component, name, got[name], want)
             else:
                 assert _rel(got[name], want) <= TOLERANCE, (plan.component, name, _rel(got[name], want))
+
+
+def test_engines_sharing_scratch_match_their_own_memory(built):
+    """The encoder, CAM++, projectors and XY decoder run on one block of context memory, sized to the
+    largest of them, and give the same outputs as contexts with memory of their own."""
+    bundle, plans, out, _, _ = built
+    rng = np.random.default_rng(2)
+    scratch = SharedScratch.on_device()
+    files = {p.component: out / p.plan_file for p in plans if p.component in SHARED_SCRATCH_COMPONENTS}
+    shared = {name: TrtSession(path, scratch=scratch) for name, path in files.items()}
+    assert set(shared) == set(SHARED_SCRATCH_COMPONENTS)
+    needs = [s._engine.device_memory_size_v2 for s in shared.values()]
+    assert scratch.nbytes == max(max(needs), 256) and scratch.separate_bytes == sum(needs)
+    for _ in range(2):  # interleaved, as a reply alternates between them
+        for name, session in shared.items():
+            feeds = _feeds(bundle.components[name], bundle.config, rng)
+            want = TrtSession(files[name]).run(feeds)
+            got = session.run(feeds)
+            for k, v in want.items():
+                assert np.array_equal(got[k], v) if v.dtype == np.int64 else _rel(got[k], v) <= 1e-5, (name, k)
+    for session in shared.values():
+        session.close()
+    assert scratch.nbytes == 0
 
 
 def test_backbone_prefill_then_decode_into_the_cache(built):

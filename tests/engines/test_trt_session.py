@@ -11,7 +11,7 @@ from test_manifest import entry_for, plan_blob
 from qinyu_edge.engine_manifest import EngineError, EngineSet
 from qinyu_edge.runtime.kv_cache import NULL_ROWS, WINDOW_STEP, KVCache
 from qinyu_edge.runtime.session import open_session
-from qinyu_edge.runtime.trt_session import HostMirror, TensorRTMissing, TrtSession, cuda_check
+from qinyu_edge.runtime.trt_session import HostMirror, SharedScratch, TensorRTMissing, TrtSession, cuda_check
 
 
 def _engine_set(tmp_path, data: bytes, on_disk: bytes | None = None):
@@ -185,3 +185,66 @@ def test_engine_runs_the_plans_of_an_engine_set_and_checks_them_against_its_bund
     if not _has_tensorrt():
         with pytest.raises(TensorRTMissing):
             Engine(bundle, EngineOptions(backend="trt", engines=str(root)), verify=False)
+
+
+class HostBuffer:
+    """A stand-in allocation with a real address (a host array) and a freed flag."""
+
+    def __init__(self, nbytes: int, log: list):
+        self.mem = np.zeros(nbytes, np.uint8)
+        self.ptr, self.nbytes, self.freed = self.mem.ctypes.data, nbytes, False
+        log.append(self)
+
+    def free(self) -> None:
+        assert not self.freed, "freed twice"
+        self.freed = True
+
+
+class RecordingContext:
+    """What SharedScratch asks of an execution context: where its memory is (TensorRT's own is GPU-only)."""
+
+    def __init__(self):
+        self.memory: tuple[int, int] | None = None
+
+    def set_device_memory(self, ptr: int, size: int) -> None:
+        self.memory = (ptr, size)
+
+
+def test_shared_scratch_grows_to_the_largest_need_and_repoints_every_context():
+    allocations: list[HostBuffer] = []
+    scratch = SharedScratch(lambda n: HostBuffer(n, allocations))
+    small, large, mid = RecordingContext(), RecordingContext(), RecordingContext()
+    scratch.attach(small, 1000)
+    scratch.attach(large, 5000)
+    scratch.attach(mid, 3000)
+    # one live buffer of the largest need; the first was freed only after both were repointed
+    assert [b.nbytes for b in allocations] == [1000, 5000] and allocations[0].freed and not allocations[1].freed
+    live = (allocations[1].ptr, 5000)
+    assert small.memory == large.memory == mid.memory == live
+    assert scratch.nbytes == 5000 and scratch.separate_bytes == 9000
+    scratch.detach(large)
+    assert scratch.nbytes == 5000  # still in use by the others: never shrunk under them
+    scratch.detach(small)
+    scratch.detach(mid)
+    assert scratch.nbytes == 0 and allocations[1].freed
+
+
+def test_shared_scratch_serialises_its_users():
+    import threading
+
+    scratch = SharedScratch(lambda n: HostBuffer(n, []))
+    inside, overlaps = [0], [0]
+
+    def use():
+        for _ in range(200):
+            with scratch.lock:
+                inside[0] += 1
+                overlaps[0] = max(overlaps[0], inside[0])
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=use) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps[0] == 1

@@ -35,7 +35,8 @@ ENUM_TABLES = {
 VARIABLE_CLASSES = {
     "builder": "Builder", "config": "IBuilderConfig", "network": "INetworkDefinition", "parser": "OnnxParser",
     "profile": "IOptimizationProfile", "error": "ParserError", "timing_cache": "ITimingCache",
-    "engine": "ICudaEngine", "_engine": "ICudaEngine", "_ctx": "IExecutionContext", "_runtime": "Runtime",
+    "engine": "ICudaEngine", "_engine": "ICudaEngine", "_ctx": "IExecutionContext", "ctx": "IExecutionContext",
+    "_runtime": "Runtime",
 }
 PRECISION_FLAGS = ("FP16", "BF16", "INT8", "FP8", "INT4", "FP4", "OBEY_PRECISION_CONSTRAINTS",
                    "PREFER_PRECISION_CONSTRAINTS")
@@ -126,7 +127,9 @@ def test_the_scan_sees_the_calls_we_know_are_there():
     for sym in ("Builder.build_serialized_network", "OnnxParser.parse_from_file", "IProgressMonitor.step_complete",
                 "NetworkDefinitionCreationFlag.STRONGLY_TYPED", "ICudaEngine.get_tensor_profile_shape",
                 "IExecutionContext.execute_async_v3", "Runtime.deserialize_cuda_engine", "ParserError.desc",
-                "ITimingCache.serialize", "HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY", "nptype"):
+                "ITimingCache.serialize", "HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY", "nptype",
+                "ExecutionContextAllocationStrategy.USER_MANAGED", "ICudaEngine.device_memory_size_v2",
+                "IExecutionContext.set_device_memory"):
         assert sym in used, sym
 
 
