@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from qinyu_edge.errors import ConfigError
@@ -25,7 +26,9 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("plan", help="does a variant fit a target: memory breakdown, longest context, decode steps/s")
     p.add_argument("--target", default="local", help="a target id from `qinyu-edge targets`; default: the GPU found here")
     p.add_argument("--variant", choices=["4b", "8b"], default="4b")
-    p.add_argument("--precision", default="int4", help="backbone weights: fp32, fp16, fp8, int8, fp4 or int4 (weight-only, group 128)")
+    p.add_argument("--precision", default="auto",
+                   help="backbone weights: fp32, fp16, fp8, int8, fp4 or int4 (weight-only, group 128); auto (default): "
+                        "the most accurate precisions that fit the context and decode in real time, with what each costs")
     p.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="KV cache length in positions")
     p.add_argument("--lm-head", default=None, help="lm_head precision (default: fp16 for a quantized backbone)")
     p.add_argument("--embedding", default=None, help="embedding table precision (default: as --lm-head)")
@@ -33,6 +36,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--shared-embedding", action="store_true",
                    help="tied models: gather embedding rows from the lm_head weights instead of a second copy")
     p.add_argument("--margin", type=float, default=0.10, help="safety margin, a fraction of the usable memory")
+    p.add_argument("--accuracy-from", type=Path, default=None, metavar="QUANTIZED_BUNDLE",
+                   help="with --precision auto: the measured accuracy of this quantized bundle's precisions")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_plan)
 
@@ -92,18 +97,51 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .planner import PlanOptions, plan_for
+    from .planner import PlanOptions, model_for_variant, plan_for
+    from .recipe_choice import Measured, choose
+    from .targets import get_target
 
     options = PlanOptions(margin=args.margin, separate_embedding=not args.shared_embedding)
-    plan = plan_for(args.target, args.variant, args.precision, args.context, options,
-                    lm_head=args.lm_head, embedding=args.embedding, kv_cache=args.kv_cache)
+    choice = None
+    if args.precision == "auto":
+        fixed = [f for f in ("lm_head", "embedding", "kv_cache") if getattr(args, f) is not None]
+        if fixed:
+            raise ConfigError(f"--{fixed[0].replace('_', '-')} needs --precision too; --precision auto picks "
+                              "every precision itself")
+        measured = Measured.from_bundle(args.accuracy_from) if args.accuracy_from else None
+        choice = choose(model_for_variant(args.variant), get_target(args.target), args.context, options, measured)
+        plan = choice.plan
+    else:
+        if args.accuracy_from is not None:
+            raise ConfigError("--accuracy-from goes with --precision auto (it annotates the choices auto makes)")
+        plan = plan_for(args.target, args.variant, args.precision, args.context, options,
+                        lm_head=args.lm_head, embedding=args.embedding, kv_cache=args.kv_cache)
     if args.json:
-        sys.stdout.write(json.dumps(plan.to_dict(), indent=2) + "\n")
+        doc = plan.to_dict()
+        if choice is not None:
+            doc["choice"] = choice.to_dict()
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
         _print_plan(plan)
+        if choice is not None:
+            _print_choice(choice)
     if not plan.fits:
         raise ConfigError(plan.verdict())
     return 0
+
+
+def _print_choice(choice: Any) -> None:
+    from rich.table import Table
+
+    console = _console()
+    console.print(choice.summary())
+    if choice.steps:
+        table = Table(title="what each choice below fp16 costs")
+        for col in ("part", "precision", "accuracy", "speed"):
+            table.add_column(col)
+        for s in choice.steps:
+            table.add_row(s.part, s.value, s.accuracy, s.speed)
+        console.print(table)
 
 
 def _print_plan(plan: Any) -> None:
