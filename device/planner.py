@@ -29,7 +29,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from qinyu_edge.config import ModelConfig, ProjectorConfig, preset
+from qinyu_edge.config import PREFILL_CHUNK, ModelConfig, ProjectorConfig, preset
 from qinyu_edge.engine_manifest import SHARED_SCRATCH_COMPONENTS
 from qinyu_edge.errors import ConfigError
 
@@ -197,9 +197,9 @@ Group = Literal["weights", "kv cache", "activations", "workspace", "voice loop"]
 class PlanOptions:
     margin: float = 0.10  # of the memory left after the system's share
     voice_loop: bool = True  # count VAD, turn detector, Python and audio buffers
-    # Longest prefill chunk the backbone engine's profile allows. TensorRT sizes scratch for the
-    # profile maximum, so engines for small boards should be built with this cap and prefill chunked.
-    prefill_tokens: int = 512
+    # Longest prefill chunk: the runtime prefills in chunks of PREFILL_CHUNK positions and the backbone
+    # engine's prefill profile stops there, so TensorRT sizes its scratch for one chunk.
+    prefill_tokens: int = PREFILL_CHUNK
     fused_attention: bool = False  # True drops the materialised attention scores from activations
     # The bundle's `embedding` graph holds its own table, so a tied model (4B) stores the matrix twice.
     separate_embedding: bool = True

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from qinyu_edge.bundle import Bundle, ComponentSpec, load_bundle
+from qinyu_edge.config import PREFILL_CHUNK
 from qinyu_edge.device.targets import GiB, PRECISIONS, Target
 from qinyu_edge.engine_manifest import (
     BuilderSettings, OptimizationProfile, ShapeRange, format_version, parse_trt_version,
@@ -81,8 +82,9 @@ SUSPECT_QDQ: dict[tuple[int, int], tuple[str, ...]] = {
     (8, 7): ("int8",),  # NVIDIA/TensorRT#4832 was seen on 10.16.2; other versions on Orin are UNVERIFIED
 }
 
-# The backbone serves two shapes of work: prefill (the whole prompt on an empty cache) and decode
-# (one position over a cache of at least one position). Separate profiles let TensorRT tune each.
+# The backbone serves two shapes of work: prefill (the prompt, in chunks of at most PREFILL_CHUNK
+# positions, each over the cache the chunks before it wrote) and decode (one position over a cache
+# of at least one position). Separate profiles let TensorRT tune each.
 SPLIT_PROFILES = {"backbone": ("seq", "past")}
 
 
@@ -322,8 +324,11 @@ def profiles_for(spec: ComponentSpec) -> tuple[OptimizationProfile, ...]:
     p_lo, p_opt, p_hi = axes[past]
     if p_hi <= p_lo:
         raise ConfigError(f"component {spec.name}: the {past} range {axes[past]} leaves no room for decoding")
-    # Prefill runs on an empty cache: the range's minimum (0 rows, or the bundle's masked null rows).
-    prefill = {**axes, past: (p_lo, p_lo, p_lo)}
+    # Prefill is tuned for the first chunk (an empty cache: the bundle's masked null rows) and takes
+    # later chunks over any past; no call is longer than one chunk.
+    s_lo, s_opt, s_hi = axes[seq]
+    chunk = min(s_hi, PREFILL_CHUNK)
+    prefill = {**axes, seq: (s_lo, min(s_opt, chunk), chunk), past: (p_lo, p_lo, p_hi)}
     decode = {**axes, seq: (1, 1, 1), past: (p_lo + 1, min(max(p_opt, p_lo + 1), p_hi), p_hi)}
     return (OptimizationProfile("prefill", _input_ranges(spec, prefill)),
             OptimizationProfile("decode", _input_ranges(spec, decode)))

@@ -21,6 +21,9 @@ CODES_PER_BOOK = 1024
 IDS_PER_BOOK = 1032
 SPEAKER_DIM = 192
 ENCODER_OUT_DIM = 512  # the projector input width is fixed at 512 in the official code
+# Positions per backbone call when prefilling: a long prompt runs in chunks over the cache, so the
+# attention scores of one call stay chunk x context and TensorRT profiles need no longer prompt.
+PREFILL_CHUNK = 512
 
 
 @dataclass(frozen=True)

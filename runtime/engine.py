@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 from qinyu_edge.bundle import Bundle, ComponentSpec, load_bundle
-from qinyu_edge.config import SPEAKER_DIM
+from qinyu_edge.config import PREFILL_CHUNK, SPEAKER_DIM
 from qinyu_edge.engine_manifest import SHARED_SCRATCH_COMPONENTS, EngineError, EngineSet
 from qinyu_edge.errors import BundleError, CheckpointError
 
@@ -71,6 +71,7 @@ class Engine:
         self.generator = Generator(
             self.sessions["embedding"], self.sessions["backbone"], self.sessions["heads_greedy"], open_logits,
             self.layout, self.config.backbone.hidden_size, self.cache, penalty=self.config.repetition_penalty,
+            prefill_chunk=min(PREFILL_CHUNK, self.spec("backbone").shape_ranges["seq"][2]),
         )
 
     def _open_engine_set(self) -> EngineSet | None:

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from qinyu_edge.config import PREFILL_CHUNK
 from qinyu_edge.tokens import TokenLayout
 
 from .kv_cache import KVCache
@@ -64,8 +65,11 @@ class Generator:
 
     def __init__(self, embedding: Session, backbone: Session, heads_greedy: Session,
                  open_heads_logits: Callable[[], Session] | None, layout: TokenLayout, hidden_size: int,
-                 cache: KVCache, penalty: float = 1.1):
+                 cache: KVCache, penalty: float = 1.1, prefill_chunk: int = PREFILL_CHUNK):
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 position, got {prefill_chunk}")
         self.embedding, self.backbone, self.greedy = embedding, backbone, heads_greedy
+        self.prefill_chunk = prefill_chunk
         # The logits head only serves sampling: it is opened the first time a sampled reply starts.
         self._open_logits = open_heads_logits
         self.logits: Session | None = None
@@ -85,10 +89,14 @@ class Generator:
         return self.embedding.run({"ids": ids})["inputs_embeds"]
 
     def _forward(self, embeds: np.ndarray) -> None:
-        n = embeds.shape[1]
-        into = {**self.cache.slot(n), "hidden": self.hidden}
-        self.backbone.run({"inputs_embeds": embeds, **self.cache.past()}, into=into)
-        self.cache.advance(n)
+        """Run positions through the backbone, at most `prefill_chunk` per call, each chunk over the
+        cache the ones before it wrote; `hidden` ends as the last position's."""
+        for start in range(0, embeds.shape[1], self.prefill_chunk):
+            chunk = embeds[:, start:start + self.prefill_chunk]
+            n = chunk.shape[1]
+            into = {**self.cache.slot(n), "hidden": self.hidden}
+            self.backbone.run({"inputs_embeds": chunk, **self.cache.past()}, into=into)
+            self.cache.advance(n)
 
     def prefill(self, embeds: np.ndarray) -> float:
         """Run the whole prompt from an empty cache; returns milliseconds."""

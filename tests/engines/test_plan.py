@@ -29,25 +29,29 @@ def test_backbone_gets_prefill_and_decode_profiles(mini_bundle):
     prefill, decode = plans["backbone"].profiles
     assert (prefill.name, decode.name) == ("prefill", "decode")
     # Ranges from the bundle: seq (1, 256, 2048), past (1, 513, 4097) = the null row + 0..4096 positions.
-    assert prefill.shapes["inputs_embeds"] == ((1, 1, 64), (1, 256, 64), (1, 2048, 64))
+    # Prefill takes one chunk (PREFILL_CHUNK = 512 positions) at a time, over any past.
+    assert prefill.shapes["inputs_embeds"] == ((1, 1, 64), (1, 256, 64), (1, 512, 64))
     caches = [n for n in prefill.shapes if n.startswith("past_")]
     assert caches == ["past_key_0", "past_value_0", "past_key_1", "past_value_1"]
     for cache in caches:
-        assert prefill.shapes[cache] == ((1, 1, 2, 16),) * 3
+        assert prefill.shapes[cache] == ((1, 1, 2, 16), (1, 1, 2, 16), (4097, 1, 2, 16))
         assert decode.shapes[cache] == ((2, 1, 2, 16), (513, 1, 2, 16), (4097, 1, 2, 16))
     assert decode.shapes["inputs_embeds"] == ((1, 1, 64),) * 3
-    # What the runtime feeds lands in exactly one profile: a prompt on an empty cache, then steps.
+    # What the runtime feeds lands in a profile: a prompt's chunks on an empty and on a filled cache
+    # (a long prompt, or a later turn's new positions), then steps.
     empty = {c: (1, 1, 2, 16) for c in caches}
     assert prefill.contains({"inputs_embeds": (1, 37, 64), **empty}) and not decode.contains(
         {"inputs_embeds": (1, 37, 64), **empty})
+    assert prefill.contains({"inputs_embeds": (1, 512, 64), **{c: (1025, 1, 2, 16) for c in caches}})
+    assert not prefill.contains({"inputs_embeds": (1, 513, 64), **empty})
     step = {"inputs_embeds": (1, 1, 64), **{c: (38, 1, 2, 16) for c in caches}}
-    assert decode.contains(step) and not prefill.contains(step)
+    assert decode.contains(step)
 
 
 def test_backbone_profiles_without_a_null_row(tmp_path):
     bundle = write_bundle(tmp_path / "b", past_range=(0, 512, 4096))
     prefill, decode = _by_name(make_build_plans(bundle, get_target("rtx-4090")))["backbone"].profiles
-    assert prefill.shapes["past_key_0"] == ((0, 1, 2, 16),) * 3  # past 0
+    assert prefill.shapes["past_key_0"] == ((0, 1, 2, 16), (0, 1, 2, 16), (4096, 1, 2, 16))  # from past 0
     assert decode.shapes["past_key_0"] == ((1, 1, 2, 16), (512, 1, 2, 16), (4096, 1, 2, 16))  # past 1..max
     with pytest.raises(ConfigError, match="no room for decoding"):
         make_build_plans(write_bundle(tmp_path / "c", past_range=(1, 1, 1)), get_target("rtx-4090"))

@@ -44,6 +44,44 @@ def test_runtime_tokens_equal_reference(engine):
     assert got.stop == ref.stop
 
 
+class CallShapes:
+    """The backbone session as it is, recording the length of every call's positions."""
+
+    def __init__(self, session):
+        self.session, self.lengths = session, []
+
+    def run(self, inputs, into=None):
+        self.lengths.append(inputs["inputs_embeds"].shape[1])
+        return self.session.run(inputs, into)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_with_the_same_result(engine):
+    """Chunks of 7 positions over the cache the earlier chunks wrote give the hidden state and cache
+    of one call over the whole prompt, and the same greedy reply."""
+    _, eng = engine
+    gen = eng.generator
+    emb = prompt_embeds(eng, PROMPT * 3)
+    whole = gen.generate(emb, max_new_tokens=40)
+    gen.prefill(emb)
+    hidden_whole, cache_whole = gen.hidden.copy(), [b.copy() for b in eng.cache.buffers]
+    spy, chunk = CallShapes(gen.backbone), gen.prefill_chunk
+    gen.backbone, gen.prefill_chunk = spy, 7
+    try:
+        gen.prefill(emb)
+        assert spy.lengths == [7] * (emb.shape[1] // 7) + ([emb.shape[1] % 7] if emb.shape[1] % 7 else [])
+        np.testing.assert_allclose(gen.hidden, hidden_whole, rtol=1e-4, atol=1e-5)
+        for a, b in zip(eng.cache.buffers, cache_whole):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+        chunked = gen.generate(emb, max_new_tokens=40)
+    finally:
+        gen.backbone, gen.prefill_chunk = spy.session, chunk
+    assert chunked.tokens == whole.tokens
+    assert max(spy.lengths) == 7  # decode steps are single positions
+
+
 def test_bytes_moved_per_step_do_not_grow_with_context(engine):
     """The past is bound as a view of the cache; only the step's small tensors are copied."""
     _, eng = engine
