@@ -4,7 +4,7 @@ context with margin and decode fast enough for speech, and what each step away f
 Candidates are ordered by how much they give up, least first: every weight in fp16, then a lower
 backbone precision (the bulk of the bytes), then an 8-bit and a 4-bit lm_head and embedding (the
 lm_head is a quarter of the bytes a quantized step reads, but it also decides every token), then
-an 8-bit KV cache. The first candidate that fits the context and reaches the real-time goal at the
+an 8-bit KV cache. Only precisions `qinyu-edge quantize` writes are proposed. The first candidate that fits the context and reaches the real-time goal at the
 efficiency TensorRT Edge-LLM measures wins. Where none reaches it, the fastest one that fits is
 proposed and the answer says plainly that real time is out of reach.
 
@@ -39,7 +39,9 @@ ROOFLINE_EFFICIENCY = 0.85
 # Least accuracy given up first. fp8 and int8 (per-channel, Q/DQ) lose about the same; int4 and
 # fp4 are block-scaled 4-bit weights.
 BACKBONE_LADDER = ("fp16", "fp8", "int8", "int4", "fp4")
-HEAD_LADDER = ("fp16", "int8", "int4")
+# (lm_head, embedding) as `qinyu-edge quantize --lm-head/--embedding` writes them: int8 exists for
+# the lm_head only (ModelOpt quantizes Gather tables in INT4).
+HEAD_LADDER = (("fp16", "fp16"), ("int8", "fp16"), ("int4", "int4"))
 KV_LADDER = ("fp16", "fp8")
 LOSS_RANK = {"fp16": 0, "fp8": 1, "int8": 1, "int4": 2, "fp4": 2}
 
@@ -113,13 +115,13 @@ class Choice:
 
 def _candidates(target: Target) -> list[Recipe]:
     backbones = [p for p in BACKBONE_LADDER if target.supports(p)]
-    heads = [p for p in HEAD_LADDER if target.supports(p)]
+    heads = [pair for pair in HEAD_LADDER if all(target.supports(p) for p in pair)]
     kvs = [p for p in KV_LADDER if target.supports(p)]
     out = []
-    for b, h, kv in itertools.product(backbones, heads, kvs):
+    for b, (h, e), kv in itertools.product(backbones, heads, kvs):
         if LOSS_RANK[h] > LOSS_RANK[b]:
             continue  # the heads are never quantized further than the layers
-        out.append(Recipe(b, lm_head=h, embedding=h, kv_cache=kv))
+        out.append(Recipe(b, lm_head=h, embedding=e, kv_cache=kv))
     # Least given up first; ties go to the more accurate backbone, then heads.
     return sorted(out, key=lambda r: (LOSS_RANK[r.backbone] + LOSS_RANK[r.lm_head] + LOSS_RANK[r.kv_cache],
                                       LOSS_RANK[r.backbone], LOSS_RANK[r.lm_head]))
@@ -157,7 +159,8 @@ def _steps(cfg: ModelConfig, plan: Plan, options: PlanOptions, measured: Measure
     before = make_plan(cfg, plan.target, current, plan.context, options)
     steps = []
     for part, value, change in (("backbone", r.backbone, {"backbone": r.backbone}),
-                                ("lm_head + embedding", r.lm_head, {"lm_head": r.lm_head, "embedding": r.embedding}),
+                                ("lm_head", r.lm_head, {"lm_head": r.lm_head}),
+                                ("embedding", r.embedding, {"embedding": r.embedding}),
                                 ("KV cache", r.kv_cache, {"kv_cache": r.kv_cache})):
         if value == "fp16":
             continue
@@ -170,11 +173,11 @@ def _steps(cfg: ModelConfig, plan: Plan, options: PlanOptions, measured: Measure
 
 def _accuracy(part: str, value: str, measured: Measured | None) -> str:
     if measured is not None:
-        key = {"backbone": "backbone", "lm_head + embedding": "heads_greedy"}.get(part)
+        key = {"backbone": "backbone", "lm_head": "heads_greedy", "embedding": "embedding"}.get(part)
         if key is not None and measured.precisions.get(key) == value:
             return (f"measured on {measured.bundle}: {measured.greedy_prefix:.1%} of fp32's greedy tokens "
                     "identical before the first divergence")
-    what = {"backbone": "every layer's weights", "lm_head + embedding": "the token choice and every input row",
+    what = {"backbone": "every layer's weights", "lm_head": "every token choice", "embedding": "every input row",
             "KV cache": "attention over the whole past"}[part]
     return (f"{value} touches {what}; unmeasured for this bundle: `qinyu-edge quantize --recipe ...` reports "
             "greedy-token agreement with fp32, then `plan --accuracy-from QUANTIZED_BUNDLE`")

@@ -21,6 +21,11 @@ def add_parsers(sub: Any) -> None:
     q.add_argument("--out", type=Path, required=True, help="quantized bundle folder to create")
     q.add_argument("--recipe", required=True, choices=list(RECIPES),
                    help="; ".join(f"{r.name}: {r.description}" for r in RECIPES.values()))
+    q.add_argument("--lm-head", choices=["fp16", "int8", "int4"], default=None,
+                   help="the lm_head (heads components): int8 per-channel or int4 group-128 weight-only "
+                        "(default fp16, as every recipe keeps it)")
+    q.add_argument("--embedding", choices=["fp16", "int4"], default=None,
+                   help="the embedding table: int4 group-128 weight-only (default fp16)")
     q.add_argument("--components", nargs="+", metavar="NAME",
                    help="apply the recipe to these components only (the rest stay fp32)")
     q.add_argument("--target", help="refuse precisions this target's TensorRT lacks (ids: `qinyu-edge targets`); "
@@ -86,7 +91,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .quantize import check_target, get_recipe, plan_components, quantize_bundle
 
     console = _console()
-    recipe = get_recipe(args.recipe)
+    recipe = get_recipe(args.recipe, lm_head=args.lm_head, embedding=args.embedding)
     target = None
     if args.target:
         from qinyu_edge.device.targets import get_target

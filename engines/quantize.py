@@ -9,11 +9,15 @@ A recipe says, per component, how NVIDIA ModelOpt's ONNX tools rewrite its graph
   writes it.
 - int4-awq: weight-only INT4 with AWQ (clip) on MatMul weights, blocks of 128 along the input
   dimension, the rest fp16.
+- int4-rtn / int8-wo: weight-only INT4 (group 128) or INT8 (per output channel) by round to
+  nearest, no calibration: the lm_head (`--lm-head`) and the embedding table (`--embedding int4`,
+  a blocked DequantizeLinear in front of the Gather). They are a quarter of the bytes a quantized
+  decode step reads, and a second copy of the 4B's tied matrix; the accuracy report scores them.
 
 A strongly typed TensorRT network takes every type from the graph, so the same files build on
 TensorRT 10.3 (JetPack 6) through 11.x, where the precision builder flags are gone. The lm_head (the
-heads components), the embedding table and the vocoder's ISTFT head stay in higher precision in
-every recipe.
+heads components) and the embedding table stay fp16 unless asked for, and the vocoder's ISTFT head
+stays in higher precision in every recipe.
 
 ModelOpt can fail quietly, so every output is checked before it is accepted:
 - calibrating at batch 1 its GEMV detection excludes every MatMul and it writes a model with nothing
@@ -62,10 +66,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-METHODS = ("fp32", "fp16", "int8", "fp8", "int4-awq")
+METHODS = ("fp32", "fp16", "int8", "fp8", "int4-awq", "int4-rtn", "int8-wo")
 # The precision name a method stands for, as the target registry spells it.
-PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "fp8": "fp8", "int4-awq": "int4"}
-QUANTIZED_METHODS = ("int8", "fp8", "int4-awq")
+PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "fp8": "fp8", "int4-awq": "int4", "int4-rtn": "int4",
+             "int8-wo": "int8"}
+QUANTIZED_METHODS = ("int8", "fp8", "int4-awq", "int4-rtn", "int8-wo")
+# Weight-only methods: ModelOpt's INT4 path (INT8 through its 8-bit layer list), activations fp16.
+WEIGHT_ONLY_METHODS = ("int4-awq", "int4-rtn", "int8-wo")
+# `quantize --lm-head P` / `--embedding P`: the method for the components holding each matrix.
+HEAD_COMPONENTS = ("heads_greedy", "heads_logits")
+HEAD_METHODS = {"int8": "int8-wo", "int4": "int4-rtn"}
+EMBEDDING_METHODS = {"int4": "int4-rtn"}  # ModelOpt quantizes Gather tables in INT4 only
 # ONNX Runtime's CPU QDQ fusion turns ModelOpt's FP8 Q/DQ around Transpose/Slice into nodes with
 # FP8 inputs that no kernel takes ("Type 'tensor(float8e4m3fn)' ... is invalid"); the graph itself
 # is valid and loads with this fusion off.
@@ -132,11 +143,27 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def get_recipe(name: str) -> Recipe:
+def get_recipe(name: str, lm_head: str | None = None, embedding: str | None = None) -> Recipe:
+    """A recipe by name, with the lm_head and the embedding table at other precisions if asked."""
     try:
-        return RECIPES[name]
+        recipe = RECIPES[name]
     except KeyError:
         raise QuantizationError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}") from None
+    extra: dict[str, ComponentRecipe] = {}
+    for flag, value, methods, components in (("--lm-head", lm_head, HEAD_METHODS, HEAD_COMPONENTS),
+                                             ("--embedding", embedding, EMBEDDING_METHODS, ("embedding",))):
+        if value is None or value == "fp16":
+            continue
+        if value not in methods:
+            raise QuantizationError(f"{flag} {value}: choose fp16 or {' or '.join(methods)}")
+        extra.update({c: ComponentRecipe(methods[value]) for c in components})
+    if not extra:
+        return recipe
+    parts = [f"lm_head {lm_head}" if lm_head not in (None, "fp16") else "",
+             f"embedding {embedding}" if embedding not in (None, "fp16") else ""]
+    label = ", ".join(p for p in parts if p)
+    return Recipe(f"{recipe.name} ({label})", f"{recipe.description}; {label} weight-only",
+                  {**recipe.components, **extra}, recipe.default)
 
 
 def check_target(plan: Mapping[str, ComponentRecipe], target: Target | None) -> None:
@@ -158,7 +185,8 @@ def check_target(plan: Mapping[str, ComponentRecipe], target: Target | None) -> 
 
 # --- graph inspection ----------------------------------------------------------------------
 
-_WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1}
+# op -> the input that holds its weight (a Gather reads its table, input 0)
+_WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
 
 
 def _precision_of(elem_type: int) -> str | None:
@@ -458,10 +486,20 @@ def _modelopt_qdq(src: Path, cr: ComponentRecipe, calib: CalibrationSet, compone
     from modelopt.onnx.quantization import quantize
 
     out = work / f"{src.stem}.{cr.method}.onnx"
-    mode = "int4" if cr.method == "int4-awq" else cr.method
+    mode = "int4" if cr.method in WEIGHT_ONLY_METHODS else cr.method
     kwargs: dict[str, Any] = {}
     if mode == "int4":
-        kwargs.update(block_size=cr.block_size, calibration_method=cr.calibration_method or "awq_clip")
+        rtn = cr.method != "int4-awq"
+        kwargs.update(block_size=cr.block_size,
+                      calibration_method=cr.calibration_method or ("rtn_dq" if rtn else "awq_clip"))
+        graph = onnx.load(str(src), load_external_data=False)
+        if cr.method == "int8-wo":
+            kwargs["layers_8bit"] = ",".join(n.name for n in graph.graph.node
+                                             if n.op_type == "MatMul" and not any(re.search(p, n.name) for p in exclude))
+        if cr.method == "int4-rtn" and table_lookups(graph):
+            # Tables read by Gather (the embedding) take INT4 blocks along the hidden axis. Only
+            # where there is one: ModelOpt 0.47 fails on a graph without a Gather given these.
+            kwargs.update(gather_quantize_axis=1, gather_block_size=cr.block_size)
     elif cr.calibration_method:
         kwargs["calibration_method"] = cr.calibration_method
     with _quiet():
@@ -599,7 +637,7 @@ def _rewrite(src: Path, spec: ComponentSpec, cr: ComponentRecipe, calib: Calibra
     if cr.method == "fp32":
         return model, [], 0
     n_gemm = 0
-    if cr.method == "int4-awq" and cr.matmul_form:
+    if cr.method in WEIGHT_ONLY_METHODS and cr.matmul_form:
         model, n_gemm = gemm_to_matmul(model)
     # ModelOpt writes intermediate files beside its input: give it a private copy.
     local = work / src.name
@@ -608,7 +646,7 @@ def _rewrite(src: Path, spec: ComponentSpec, cr: ComponentRecipe, calib: Calibra
         return _autocast(local, cr, calib.component_folder(spec.name, work / "calib"), work), [], n_gemm
     excluded = sorted(set(batched_weight_matmuls(model))
                       | {n.name for n in model.graph.node if any(re.search(p, n.name) for p in cr.keep)})
-    if cr.method == "int4-awq" and cr.matmul_form:
+    if cr.method in WEIGHT_ONLY_METHODS and cr.matmul_form:
         # Gemms the rewrite could not take (transA, alpha, a computed weight) stay as they are.
         excluded += [n.name for n in model.graph.node if n.op_type == "Gemm"]
     out = _modelopt_qdq(local, cr, calib, spec.name, [f"^{re.escape(n)}$" for n in excluded], work)
@@ -753,7 +791,7 @@ def _component_record(cr: ComponentRecipe, r: ComponentResult | None) -> dict[st
 
 
 __all__ = [
-    "METHODS",
+    "METHODS", "WEIGHT_ONLY_METHODS", "HEAD_METHODS", "EMBEDDING_METHODS",
     "PRECISION",
     "RECIPES",
     "ComponentRecipe",

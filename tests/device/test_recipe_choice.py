@@ -87,7 +87,7 @@ def test_measured_accuracy_annotates_the_precisions_it_measured(tmp_path):
     assert choice.plan.recipe.backbone == "int4"
     assert "measured on" in by_part["backbone"].accuracy and "93.8%" in by_part["backbone"].accuracy
     # the report measured fp16 heads; the choice's int4 heads stay unmeasured
-    assert "unmeasured" in by_part["lm_head + embedding"].accuracy
+    assert "unmeasured" in by_part["lm_head"].accuracy
 
 
 def test_cli_default_plan_and_its_errors(tmp_path, capsys):

@@ -327,3 +327,48 @@ def test_quantized_component_drops_its_ort_variant(tmp_path):
     kept = quantize_bundle(src.root, tmp_path / "k", "fp16", components=["audio_projector"], calibration=calib8b)
     assert set(load_bundle(kept.root).ort_variants) == {"backbone"}
     assert Engine(kept.root).cache.in_place
+
+
+@pytest.mark.parametrize("lm_head, embedding", [("int4", "int4"), ("int8", "fp16")])
+def test_lm_head_and_embedding_precision_options(tiny4b, calib, tmp_path, capsys, lm_head, embedding):
+    """`--lm-head` / `--embedding`: weight-only RTN on the matrices the other recipes keep fp16, counted
+    in the manifest, scored by the accuracy report, and run by the runtime."""
+    from qinyu_edge.runtime.conversation import Conversation
+    from qinyu_edge.runtime.engine import Engine
+
+    cal = tmp_path / "calib"
+    calib.save(cal)
+    out = tmp_path / "q"
+    rc = main(["quantize", "--bundle", str(tiny4b.root), "--out", str(out), "--recipe", "fp16", "--lm-head", lm_head,
+               "--embedding", embedding, "--components", "heads_greedy", "heads_logits", "embedding",
+               "--calibration", str(cal), "--steps", "8"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    b = load_bundle(out)
+    assert b.origin["precision"]["heads_greedy"] == b.origin["precision"]["heads_logits"] == lm_head
+    assert b.origin["precision"]["embedding"] == embedding
+    assert f"lm_head {lm_head}" in b.origin["quantization"]["recipe"]
+    for name, want in (("heads_greedy", lm_head), ("heads_logits", lm_head), ("embedding", embedding)):
+        stats = inspect_quantization(onnx.load(str(b.path(name))))
+        if want == "fp16":
+            assert not stats.weight_ops and stats.weight_bytes.get("FLOAT16")
+        else:
+            assert stats.weight_ops.get(want, 0) == 1, (name, stats)
+        size, fp32 = (sum(x.files[n].bytes for n in (x.components[name].file, x.components[name].file + ".data")
+                          if n in x.files) for x in (b, tiny4b))
+        assert size < fp32 * {"int4": 0.2, "int8": 0.3, "fp16": 0.55}[want], (name, size, fp32)
+    acc = {o["component"] for o in b.origin["quantization"]["accuracy"]["outputs"]}
+    assert {"heads_greedy", "heads_logits", "embedding"} <= acc and "heads_greedy" in printed
+    reply = Conversation(Engine(b.root), max_new_tokens=8).ask(None, "Hello?")
+    assert len(reply.tokens) == 8
+
+
+def test_lm_head_and_embedding_options_refuse_what_has_no_method():
+    with pytest.raises(QuantizationError, match="--embedding int8: choose fp16 or int4"):
+        get_recipe("int4-awq", embedding="int8")
+    with pytest.raises(QuantizationError, match="--lm-head fp8: choose fp16 or int8 or int4"):
+        get_recipe("int4-awq", lm_head="fp8")
+    assert get_recipe("int4-awq", lm_head="fp16") is get_recipe("int4-awq")
+    r = get_recipe("int4-awq", lm_head="int4")
+    assert r.for_component("heads_greedy").method == "int4-rtn" and r.for_component("backbone").method == "int4-awq"
+    assert r.for_component("embedding").method == "fp16"
