@@ -526,14 +526,17 @@ class Bench:
 
         def step() -> None:
             # One generator step on its audio path: heads choose, the 8 codebook rows are embedded
-            # and averaged, the backbone runs one position into the cache.
+            # and averaged, the backbone runs one position into the cache. Through the fused decode
+            # graph the choice comes out of the forward itself.
             cache.reset()
             cache.advance(ctx)
-            gen.greedy.run({"hidden": gen.hidden, "history": hist})
+            if gen.fused is None:
+                gen.greedy.run({"hidden": gen.hidden, "history": hist})
             gen._embeds[...] = gen.embed(audio_ids)
             gen._forward(gen._embeds)
 
-        self._timed(f"backbone_step/ctx={ctx}", "components", f"backbone, one position at context {ctx}",
+        what = "backbone + heads + greedy choice (fused)" if gen.fused is not None else "backbone"
+        self._timed(f"backbone_step/ctx={ctx}", "components", f"{what}, one position at context {ctx}",
                     self._time(backbone), context=ctx)
         self._timed(f"decode_step/ctx={ctx}", "components",
                     f"decode step (heads + embedding + backbone) at context {ctx}", self._time(step), context=ctx)

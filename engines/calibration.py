@@ -288,7 +288,7 @@ def capture(bundle_dir: str | os.PathLike, cases: Sequence[Case] = CALIBRATION_C
             speech: Mapping[str, np.ndarray] | None = None) -> CalibrationSet:
     """Run `cases` through the fp32 bundle and keep each component's real inputs."""
     # The portable graphs: they are what gets quantized (ONNX Runtime variants are dropped then).
-    engine = Engine(bundle_dir, EngineOptions(threads=threads, ort_variants=False))
+    engine = Engine(bundle_dir, EngineOptions(threads=threads, ort_variants=False, fused=False))
     taps = _tap_engine(engine)
     replies = run_cases(engine, cases, options.max_new_tokens, speech or render_cases(cases), options.voice)
     for name, rs in replies.items():

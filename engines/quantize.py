@@ -55,8 +55,11 @@ from qinyu_edge.bundle import (
     load_bundle,
     write_manifest,
 )
+from qinyu_edge.device.targets import PRECISIONS
 from qinyu_edge.errors import QinyuError
 from qinyu_edge.fileio import replace_dir
+
+from .decode_graphs import DECODE, DERIVED, HEADS, derive as derive_decode
 
 if TYPE_CHECKING:
     import onnx
@@ -686,8 +689,9 @@ def plan_components(bundle: Bundle, recipe: Recipe, components: Sequence[str] | 
         raise QuantizationError(f"the bundle has no component {', '.join(unknown)} "
                                 f"(it has {', '.join(bundle.components)})")
     chosen = set(components) if components else set(bundle.components)
+    # Derived graphs (the fused decode graph) are written again from the quantized ones.
     return {name: recipe.for_component(name) if name in chosen else ComponentRecipe("fp32")
-            for name in bundle.components}
+            for name in bundle.components if name not in DERIVED}
 
 
 def component_precision(bundle: Bundle, component: str) -> str:
@@ -747,13 +751,18 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
             specs[name] = dataclasses.replace(spec, ort_disabled_optimizers=res.ort_disabled_optimizers)
         if progress is not None:
             progress("manifest", len(todo), len(todo))
+        specs, variants, host_embedding = derive_decode(tmp, specs, variants)
         files = [p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith(".")]
         origin = dict(src.origin)
         origin["precision"] = {name: PRECISION[cr.method] for name, cr in plan.items()}
+        if DECODE in specs:  # the fused graph holds both graphs' weights: the narrower precision names it
+            origin["precision"][DECODE] = max((origin["precision"][n] for n in ("backbone", HEADS)),
+                                              key=PRECISIONS.index)
         origin["quantization"] = _record(src, recipe, plan, results, target, calibration)
         opsets = [r.stats.opset for r in results.values()]
         bundle = dataclasses.replace(src, root=tmp, components=specs, files=file_entries(tmp, files), origin=origin,
-                                     opset=max([src.opset, *opsets]), ort_variants=variants)
+                                     opset=max([src.opset, *opsets]), ort_variants=variants,
+                                     host_embedding=host_embedding)
         write_manifest(bundle)
         replace_dir(tmp, out)
         return dataclasses.replace(bundle, root=out)

@@ -60,7 +60,9 @@ from rich.table import Table
 
 from qinyu_edge.bundle import ComponentSpec, TensorSpec
 from qinyu_edge.config import N_CODEBOOKS, BackboneConfig
+from qinyu_edge.engines.decode_graphs import fuse_decode, write_host_embedding
 from qinyu_edge.runtime.generate import PENALTY_WINDOW, Generator
+from qinyu_edge.runtime.host_embedding import HostEmbedding
 from qinyu_edge.runtime.kv_cache import NULL_ROWS, KVCache
 from qinyu_edge.runtime.session import Session, open_session
 from qinyu_edge.tokens import TokenLayout
@@ -219,15 +221,16 @@ def load_ours(shape: BenchShape, checkpoint: Path) -> OurModules:
 
 def _graph_fingerprint() -> str:
     """Hash of the modules our graphs are traced from, so a code change re-exports."""
+    from qinyu_edge.engines import decode_graphs
     from qinyu_edge.export import ort_backbone
     from qinyu_edge.export.models import backbone, heads, layers, qwen3
     from qinyu_edge.runtime import kv_cache
 
-    src = "".join(inspect.getsource(m) for m in (backbone, heads, layers, qwen3, kv_cache, ort_backbone))
+    src = "".join(inspect.getsource(m) for m in (backbone, heads, layers, qwen3, kv_cache, ort_backbone, decode_graphs))
     return hashlib.sha256(src.encode()).hexdigest()[:12]
 
 
-OUR_GRAPHS = ("embedding", "backbone", "backbone_ort", "heads_greedy", "heads_logits")
+OUR_GRAPHS = ("embedding", "backbone", "backbone_ort", "heads_greedy", "heads_logits", "decode_ort")
 
 
 def export_ours(mods: OurModules, out: Path) -> dict[str, Path]:
@@ -238,7 +241,7 @@ def export_ours(mods: OurModules, out: Path) -> dict[str, Path]:
     from qinyu_edge.export.onnx_io import export_onnx
     from qinyu_edge.export.ort_backbone import write_ort_backbone
 
-    paths = {n: out / f"{n}.onnx" for n in OUR_GRAPHS}
+    paths = {n: out / f"{n}.onnx" for n in OUR_GRAPHS} | {"embedding_table": out / "embedding_table.npy"}
     if all(p.is_file() for p in paths.values()):
         return paths
     bb, h = mods.backbone, mods.backbone.cfg.hidden_size
@@ -256,6 +259,8 @@ def export_ours(mods: OurModules, out: Path) -> dict[str, Path]:
         export_onnx(HeadsGreedy(mods.heads), (torch.randn(1, h), hist), tmp / "heads_greedy.onnx",
                     ["hidden", "history"], ["ids"])
         export_onnx(HeadsLogits(mods.heads), (torch.randn(1, h),), tmp / "heads_logits.onnx", ["hidden"], ["logits"])
+        fuse_decode(tmp / "backbone_ort.onnx", tmp / "heads_greedy.onnx", tmp / "decode_ort.onnx")
+        write_host_embedding(tmp / "embedding.onnx", tmp / "embedding_table.npy")
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -304,23 +309,34 @@ def _random_ids(n: int, vocab: int, seed: int) -> np.ndarray:
 
 
 class OursRunner:
-    """The runtime's decode loop over our graphs (IO binding into a KVCache): the backbone's ONNX
-    Runtime CPU variant as the runtime runs it, or with `fused=False` the portable backbone graph."""
+    """The runtime's decode loop over our graphs (IO binding into a KVCache), as the runtime runs a
+    bundle: "one-call" = host embedding table + the fused decode graph on the backbone's ONNX
+    Runtime CPU variant; "split" = the embedding, that variant and the greedy heads as three
+    sessions; "portable" = the three sessions on the portable backbone graph."""
+
+    NAMES = {"one-call": "ours", "split": "ours (3 calls)", "portable": "ours (portable)"}
 
     def __init__(self, paths: dict[str, Path], mods: OurModules, steps: int, threads: int, spin_us: int = 0,
-                 fused: bool = True):
-        self.name = "ours" if fused else "ours (portable)"
-        graphs = {"embedding": "embedding", "backbone": "backbone_ort" if fused else "backbone",
-                  "heads_greedy": "heads_greedy"}
-        self.sessions: dict[str, Session] = {n: open_session(paths[g], threads=threads, spin_us=spin_us)
-                                             for n, g in graphs.items()}
-        self.spec, self.hidden, self.steps = backbone_spec(mods.backbone, fused), mods.backbone.cfg.hidden_size, steps
+                 graphs: str = "one-call"):
+        self.name = self.NAMES[graphs]
+        cfg = mods.backbone.cfg
+        if graphs == "one-call":
+            self.embedding: Session = HostEmbedding(paths["embedding_table"], cfg.vocab_size, cfg.hidden_size)
+            self.sessions: dict[str, Session] = {"decode": open_session(paths["decode_ort"], threads=threads,
+                                                                        spin_us=spin_us)}
+        else:
+            names = {"backbone": "backbone" if graphs == "portable" else "backbone_ort", "heads_greedy": "heads_greedy",
+                     "embedding": "embedding"}
+            self.sessions = {n: open_session(paths[g], threads=threads, spin_us=spin_us) for n, g in names.items()}
+            self.embedding = self.sessions["embedding"]
+        self.spec = backbone_spec(mods.backbone, graphs != "portable")
+        self.hidden, self.steps = cfg.hidden_size, steps
         self.generators: dict[int, Generator] = {}
 
     def generator(self, capacity: int) -> Generator:
         s = self.sessions
-        return Generator(s["embedding"], s["backbone"], s["heads_greedy"], None, bench_layout(), self.hidden,
-                         KVCache.for_backbone(self.spec, capacity))
+        return Generator(self.embedding, s.get("backbone"), s.get("heads_greedy"), None, bench_layout(), self.hidden,
+                         KVCache.for_backbone(self.spec, capacity), fused=s.get("decode"))
 
     def prepare(self, past: int) -> None:
         gen = self.generator(past + self.steps)
@@ -531,7 +547,8 @@ class BenchOptions:
     rounds: int = 3
     threads: int = 2
     work: Path = Path(os.environ.get("QINYU_EDGE_CACHE", Path.home() / ".cache" / "qinyu-edge")) / "bench_decode"
-    contenders: tuple[str, ...] = ("genai", "genai-graph", "ours", "ours-portable", "torch", "transformers")
+    contenders: tuple[str, ...] = ("genai", "genai-graph", "ours", "ours-split", "ours-portable", "torch",
+                                   "transformers")
     spin_us: int = 0  # for an extra "ours (spin N us)" contender: intra-op workers spin between sections
 
 
@@ -556,22 +573,20 @@ class BenchResult:
 
 
 def step_parity(mods: OurModules, paths: dict[str, Path], past: int = 9, steps: int = 3) -> dict[str, float]:
-    """Our ONNX graphs (the backbone's ONNX Runtime CPU variant, as "ours" runs) against our torch
-    modules on one prompt and a few steps (same weights):
+    """Our ONNX graphs as "ours" runs them (host embedding table, the fused decode graph on the
+    backbone's ONNX Runtime CPU variant) against our torch modules on one prompt and a few steps:
     relative error of the last hidden state and of the logits, and whether the greedy ids agree."""
     import torch
 
     from qinyu_edge.export.onnx_io import compare
 
     bb, lay = mods.backbone, bench_layout()
-    sess = {n: open_session(paths[n], threads=1) for n in OUR_GRAPHS}
-    spec = backbone_spec(bb)
-    cache = KVCache.for_backbone(spec, past + steps)
-    gen = Generator(sess["embedding"], sess["backbone_ort"], sess["heads_greedy"], None, lay,
-                    bb.cfg.hidden_size, cache)
+    runner = OursRunner(paths, mods, steps, threads=1)
+    gen = runner.generator(past + steps)
+    logits = open_session(paths["heads_logits"], threads=1)
     ids = _random_ids(past, bb.cfg.vocab_size, 0).reshape(1, -1, 1)
     res = gen.generate(gen.embed(ids), max_new_tokens=steps)
-    onnx_logits = sess["heads_logits"].run({"hidden": gen.hidden})["logits"]
+    onnx_logits = logits.run({"hidden": gen.hidden})["logits"]
     with torch.inference_mode():
         caches = bb.empty_cache()
         step = mods.embedding(torch.from_numpy(ids))
@@ -617,8 +632,10 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> BenchRes
                 spinning = OursRunner(paths, mods, options.steps, options.threads, options.spin_us)
                 spinning.name = f"ours (spin {options.spin_us} us)"
                 runners.append(spinning)
+        elif c == "ours-split":
+            runners.append(OursRunner(paths, mods, options.steps, options.threads, graphs="split"))
         elif c == "ours-portable":
-            runners.append(OursRunner(paths, mods, options.steps, options.threads, fused=False))
+            runners.append(OursRunner(paths, mods, options.steps, options.threads, graphs="portable"))
         elif c == "torch":
             runners.append(TorchRunner(mods, options.steps, options.threads))
         elif c == "transformers":

@@ -124,6 +124,6 @@ class TorchReference:
         ours = {
             "encoder": engine.sessions["encoder"].run({"features": feats[None]}),
             "xy_decoder": engine.sessions["xy_decoder"].run({"codes": codes}),
-            "backbone": engine.sessions["backbone"].run(feeds),
+            "backbone": engine.session("backbone").run(feeds),
         }
         return {name: max(e.rel for e in compare(ours[name], r)) for name, r in ref.items()}

@@ -34,6 +34,7 @@ from qinyu_edge.bundle import (
     file_entries,
     write_manifest,
 )
+from qinyu_edge.engines.decode_graphs import check_decode, derive as derive_decode
 from qinyu_edge.errors import QinyuError
 from qinyu_edge.fileio import replace_dir
 
@@ -274,7 +275,7 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
         progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), console=console, transient=False)
         with progress:
-            task = progress.add_task("exporting", total=2 * len(comps) + 1)
+            task = progress.add_task("exporting", total=2 * len(comps) + 2)
             for comp in comps:
                 progress.update(task, description=f"export {comp.name}")
                 t0 = time.perf_counter()
@@ -294,6 +295,10 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
                     ort_disabled_optimizers=comp.ort_disabled_optimizers,
                 )
             variants = _ort_variants(model, comps, tmp, max_context, rows, progress, task)
+            progress.update(task, description="fused decode graphs")
+            specs, variants, host_embedding = derive_decode(tmp, specs, variants)
+            rows += check_decode(tmp, specs)
+            progress.advance(task)
         console.print(parity_table(rows))
 
         model.tokenizer.save(str(tmp / TOKENIZER_FILE))
@@ -311,6 +316,7 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
             config=cfg, layout=model.layout, components=specs, files=file_entries(tmp, files),
             origin={**model.origin, "preset": cfg.name if cfg.tiny else None, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
             opset=OPSET, parity={k: v for k, v in parity_summary.items() if k != "rows"}, ort_variants=variants,
+            host_embedding=host_embedding,
         )
         write_manifest(dataclasses.replace(bundle, root=tmp))
         if not parity_summary["ok"]:

@@ -17,12 +17,15 @@ from .errors import BundleError
 from .fileio import atomic_write_text, sha256_file
 from .tokens import TokenLayout
 
-# 4: optional `ort_variants` (3 reads the same otherwise). 3: the backbone takes `past_length` and masks
+# 5: a `decode` component (backbone + heads_greedy fused; engines/decode_graphs.py) and an optional
+# `host_embedding` table (4 reads the same otherwise). 4: optional `ort_variants` (3 reads the same
+# otherwise). 3: the backbone takes `past_length` and masks
 # cache rows past it (2: per-layer caches with a leading null row, holding exactly the past; 1: joint
 # [P, L, ...] caches).
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 OLDEST_READABLE = 3
 MANIFEST = "bundle.json"
+DECODE = "decode"  # the component that fuses backbone and heads_greedy (engines/decode_graphs.py)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,9 @@ class Bundle:
     # Component -> the same component as a graph of ONNX Runtime's fused CPU operators (com.microsoft
     # domain, same weights; see export/ort_backbone.py), which the ort backend runs on the CPU provider.
     ort_variants: dict[str, ComponentSpec] = field(default_factory=dict)
+    # The embedding table as a .npy the runtime memory-maps and gathers rows from on the host (no
+    # embedding graph per step); None where the bundle has none (older, or a quantized table).
+    host_embedding: str | None = None
 
     def path(self, component: str) -> Path:
         try:
@@ -88,6 +94,7 @@ class Bundle:
             "opset": self.opset,
             "parity": self.parity,
             "ort_variants": {k: asdict(v) for k, v in self.ort_variants.items()},
+            "host_embedding": self.host_embedding,
         }
         return json.dumps(d, indent=2, ensure_ascii=False)
 
@@ -143,6 +150,7 @@ def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
             files={k: FileEntry(**v) for k, v in d["files"].items()},
             origin=d.get("origin", {}), opset=d["opset"], parity=d.get("parity", {}),
             ort_variants={k: _component(v) for k, v in d.get("ort_variants", {}).items()},
+            host_embedding=d.get("host_embedding"),
         )
     except (KeyError, TypeError) as e:
         raise BundleError(f"{path} lacks or mangles the field {e}; export the bundle again.") from e

@@ -14,13 +14,14 @@ import numpy as np
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from qinyu_edge.bundle import Bundle, ComponentSpec, load_bundle
+from qinyu_edge.bundle import DECODE, Bundle, ComponentSpec, load_bundle
 from qinyu_edge.config import PREFILL_CHUNK, SPEAKER_DIM
 from qinyu_edge.engine_manifest import SHARED_SCRATCH_COMPONENTS, EngineError, EngineSet
 from qinyu_edge.errors import BundleError, CheckpointError
 
 from .frontend import FrontendConfig, SenseVoiceFrontend, campplus_chunks, campplus_fbank
 from .generate import Generator
+from .host_embedding import HostEmbedding
 from .kv_cache import NULL_ROWS, KVCache
 from .session import Session, open_session
 
@@ -42,6 +43,9 @@ class EngineOptions:
     # ONNX Runtime on the CPU runs a component's fused-operator variant where the bundle has one
     # (`Bundle.ort_variants`); False keeps the portable graphs (e.g. to compare the two).
     ort_variants: bool = True
+    # A greedy decode step as one call: the bundle's fused `decode` graph and its host embedding
+    # table where it has them. False runs the separate graphs (calibration taps each of them).
+    fused: bool = True
 
 
 class Engine:
@@ -56,8 +60,20 @@ class Engine:
         self._scratch = None  # a trt_session.SharedScratch once a plan of SHARED_SCRATCH_COMPONENTS opens
         self._unloadable_variants: set[str] = set()
         self.sessions: dict[str, Session] = {}
+        # On the CPU, the backbone's fused-operator variant beats a portable fused graph: where only the
+        # backbone has one, the split graphs run.
+        cpu_variant = self.spec("backbone") is not self.bundle.components["backbone"]
+        self.fused = (options.fused and DECODE in self.bundle.components and self._has_plan_or_ort(DECODE)
+                      and (self.spec(DECODE) is not self.bundle.components[DECODE] or not cpu_variant))
+        self.host_embedding = (HostEmbedding(root / self.bundle.host_embedding, self.config.backbone.vocab_size,
+                                             self.config.backbone.hidden_size)
+                               if options.fused and self.bundle.host_embedding else None)
+        # Graphs a run never calls are not loaded: the fused graph replaces the backbone and the greedy
+        # heads, the host table the embedding graph (the 4B's tied matrix is then held once).
+        lazy = {LAZY_COMPONENT} | ({"backbone", "heads_greedy"} if self.fused else {DECODE})
+        lazy |= {"embedding"} if self.host_embedding is not None else set()
         for name in self.bundle.components:
-            if name != LAZY_COMPONENT:
+            if name not in lazy:
                 self.session(name)
         host = load_file(str(root / HOST_FILE))
         self.frontend = SenseVoiceFrontend(FrontendConfig.from_sensevoice(self.config.sensevoice),
@@ -66,13 +82,21 @@ class Engine:
             load_file(str(root / SPEAKERS_FILE)) if (root / SPEAKERS_FILE).is_file() else {}
         )
         capacity = options.context or self.bundle.components["backbone"].shape_ranges["past"][2] - NULL_ROWS
-        self.cache = KVCache.for_backbone(self.spec("backbone"), capacity)
+        main = DECODE if self.fused else "backbone"
+        self.cache = KVCache.for_backbone(self.spec(main), capacity)
         open_logits = (lambda: self.session(LAZY_COMPONENT)) if LAZY_COMPONENT in self.bundle.components else None
         self.generator = Generator(
-            self.sessions["embedding"], self.sessions["backbone"], self.sessions["heads_greedy"], open_logits,
-            self.layout, self.config.backbone.hidden_size, self.cache, penalty=self.config.repetition_penalty,
-            prefill_chunk=min(PREFILL_CHUNK, self.spec("backbone").shape_ranges["seq"][2]),
+            self.host_embedding or self.sessions["embedding"], self.sessions.get("backbone"),
+            self.sessions.get("heads_greedy"), open_logits, self.layout, self.config.backbone.hidden_size, self.cache,
+            penalty=self.config.repetition_penalty,
+            prefill_chunk=min(PREFILL_CHUNK, self.spec(main).shape_ranges["seq"][2]),
+            fused=self.sessions[DECODE] if self.fused else None,
         )
+
+    def _has_plan_or_ort(self, name: str) -> bool:
+        """With an engine set, a component runs as a plan; one built before the fused graph existed
+        has none for it, and then the backbone and heads plans serve rather than ONNX Runtime."""
+        return self._engine_set is None or name in self._engine_set.engines
 
     def _open_engine_set(self) -> EngineSet | None:
         opts = self.options

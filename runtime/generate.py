@@ -3,6 +3,9 @@
 Per step: the heads choose text or audio (one id, or 8 codebook ids); the next input embedding is
 that text row or the mean of the 8 codebook rows; the backbone runs one position with the cache
 past bound as a view and the new position bound to its slot. The model picks the modality itself.
+With a fused decode graph (engines/decode_graphs.py) the backbone and the greedy heads are one
+call: the position's forward returns the next choice, so a greedy step is a host-side embedding
+gather and one session call.
 Stops at `<|im_end|>`, at the step cap, or when cancelled (checked between any two steps).
 """
 
@@ -63,12 +66,18 @@ AudioCallback = Callable[[np.ndarray], None]
 class Generator:
     """Owns the KV cache and the per-step buffers; one reply at a time (batch 1)."""
 
-    def __init__(self, embedding: Session, backbone: Session, heads_greedy: Session,
+    def __init__(self, embedding: Session, backbone: Session | None, heads_greedy: Session | None,
                  open_heads_logits: Callable[[], Session] | None, layout: TokenLayout, hidden_size: int,
-                 cache: KVCache, penalty: float = 1.1, prefill_chunk: int = PREFILL_CHUNK):
+                 cache: KVCache, penalty: float = 1.1, prefill_chunk: int = PREFILL_CHUNK,
+                 fused: Session | None = None):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be at least 1 position, got {prefill_chunk}")
+        if fused is None and (backbone is None or heads_greedy is None):
+            raise ValueError("give the fused decode session, or the backbone and heads_greedy sessions")
         self.embedding, self.backbone, self.greedy = embedding, backbone, heads_greedy
+        # backbone + heads_greedy in one graph; its `ids` output is the next greedy choice.
+        self.fused = fused
+        self._chosen = False  # the last forward ran `fused`, so _choice holds the next choice
         self.prefill_chunk = prefill_chunk
         # The logits head only serves sampling: it is opened the first time a sampled reply starts.
         self._open_logits = open_heads_logits
@@ -88,15 +97,28 @@ class Generator:
         """ids [1, S, K] -> [1, S, H]."""
         return self.embedding.run({"ids": ids})["inputs_embeds"]
 
-    def _forward(self, embeds: np.ndarray) -> None:
+    def _set_history(self, history: deque | None) -> None:
+        self._history.fill(-1)
+        if history:
+            self._history[0, : len(history)] = list(history)
+
+    def _forward(self, embeds: np.ndarray, history: deque | None = None) -> None:
         """Run positions through the backbone, at most `prefill_chunk` per call, each chunk over the
-        cache the ones before it wrote; `hidden` ends as the last position's."""
+        cache the ones before it wrote; `hidden` ends as the last position's. Through the fused
+        graph, `_choice` ends as the greedy choice after it, made with `history`."""
+        if self.fused is not None:
+            self._set_history(history)
         for start in range(0, embeds.shape[1], self.prefill_chunk):
             chunk = embeds[:, start:start + self.prefill_chunk]
             n = chunk.shape[1]
             into = {**self.cache.slot(n), "hidden": self.hidden}
-            self.backbone.run({"inputs_embeds": chunk, **self.cache.past()}, into=into)
+            if self.fused is not None:
+                self.fused.run({"inputs_embeds": chunk, **self.cache.past(), "history": self._history},
+                               into={**into, "ids": self._choice})
+            else:
+                self.backbone.run({"inputs_embeds": chunk, **self.cache.past()}, into=into)
             self.cache.advance(n)
+        self._chosen = self.fused is not None
 
     def prefill(self, embeds: np.ndarray) -> float:
         """Run the whole prompt from an empty cache; returns milliseconds."""
@@ -107,9 +129,10 @@ class Generator:
 
     def _choose(self, history: deque, sampling: SamplingConfig | None, rng: np.random.Generator | None) -> np.ndarray:
         if sampling is None:
-            self._history.fill(-1)
-            if history:
-                self._history[0, : len(history)] = list(history)
+            if self._chosen:
+                return self._choice[0]
+            assert self.greedy is not None  # without the fused graph the generator has heads_greedy
+            self._set_history(history)
             return self.greedy.run({"hidden": self.hidden, "history": self._history}, into={"ids": self._choice})["ids"][0]
         assert self.logits is not None  # opened by generate()
         logits = self.logits.run({"hidden": self.hidden})["logits"][0]
@@ -133,7 +156,7 @@ class Generator:
             if self._open_logits is None:
                 raise ValueError("sampling needs the heads_logits session, and this bundle has none")
             self.logits = self._open_logits()
-        sessions = (self.embedding, self.backbone, self.greedy) + ((self.logits,) if self.logits else ())
+        sessions = tuple(s for s in (self.embedding, self.backbone, self.greedy, self.fused, self.logits) if s is not None)
         for _ in range(max_new_tokens):
             if cancel is not None and cancel.is_set():
                 stop = "cancelled"
@@ -176,7 +199,7 @@ class Generator:
                 times.callback_ms.append(callback)
                 break
             self.embedding.run({"ids": step_ids}, into={"inputs_embeds": self._embeds})
-            self._forward(self._embeds)
+            self._forward(self._embeds, history)
             times.step_ms.append((time.perf_counter() - t0) * 1e3)
             times.session_ms.append(sum(s.stats.busy_ms for s in sessions) - busy0)
             times.callback_ms.append(callback)

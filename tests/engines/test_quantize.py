@@ -27,6 +27,7 @@ from qinyu_edge.engines.calibration import (
     backbone_windows,
     capture,
 )
+from qinyu_edge.engines.decode_graphs import DERIVED
 from qinyu_edge.engines.quantize import (
     ComponentRecipe,
     QuantizationError,
@@ -67,7 +68,7 @@ def _types(values):
 
 
 def test_calibration_comes_from_real_speech_and_round_trips(tiny4b, calib, tmp_path):
-    for name in tiny4b.components:
+    for name in set(tiny4b.components) - set(DERIVED):  # the fused graph is derived, not quantized
         assert calib[name], name
     feats = calib["encoder"][0]["features"]
     assert feats.shape[0] == 1 and feats.shape[2] == 560 and np.isfinite(feats).all() and feats.std() > 0
@@ -315,17 +316,24 @@ def test_whole_bundle_recipes_with_accuracy(preset_bundle, recipe, target, tmp_p
 def test_quantized_component_drops_its_ort_variant(tmp_path):
     """The fp32 ONNX Runtime variant of a quantized backbone would run the old weights: it is dropped
     (file and manifest entry), and kept when the backbone stays fp32."""
-    from qinyu_edge.runtime.engine import Engine
+    from qinyu_edge.runtime.engine import Engine, EngineOptions
 
     src = load_bundle(preset_bundle("tiny-8b"))
-    assert set(src.ort_variants) == {"backbone"}
+    assert set(src.ort_variants) == {"backbone", "decode"}
     calib8b = capture(src.root, CALIBRATION_CASES[:1], OPTIONS)
     quantized = quantize_bundle(src.root, tmp_path / "q", "fp16", components=["backbone"], calibration=calib8b)
     assert quantized.ort_variants == {} and not (quantized.root / src.ort_variants["backbone"].file).exists()
     assert load_bundle(quantized.root).ort_variants == {}
     assert not Engine(quantized.root).cache.in_place
+    # the fused decode graph is made again from the quantized backbone, and decodes as the split graphs do
+    assert quantized.files["decode.onnx"] != src.files["decode.onnx"]
+    assert quantized.origin["precision"]["decode"] == "fp16"
+    fused, split = Engine(quantized.root), Engine(quantized.root, EngineOptions(fused=False))
+    ids = np.array(fused.tokenizer.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n").ids)
+    runs = [e.generator.generate(e.prompt_embeds(ids, [], [], [], []), 16).tokens for e in (fused, split)]
+    assert fused.generator.fused is not None and runs[0] == runs[1]
     kept = quantize_bundle(src.root, tmp_path / "k", "fp16", components=["audio_projector"], calibration=calib8b)
-    assert set(load_bundle(kept.root).ort_variants) == {"backbone"}
+    assert set(load_bundle(kept.root).ort_variants) == {"backbone", "decode"}
     assert Engine(kept.root).cache.in_place
 
 

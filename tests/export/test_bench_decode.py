@@ -65,12 +65,13 @@ def test_onnx_step_equals_torch_step(built):
 def test_runners_resume_at_the_same_past(built):
     """Each round rewinds to the prefilled past: the same steps give the same ids/times shape."""
     _, _, mods, paths = built
-    for fused in (True, False):
-        ours = OursRunner(paths, mods, steps=5, threads=1, fused=fused)
+    for graphs in ("one-call", "split", "portable"):
+        ours = OursRunner(paths, mods, steps=5, threads=1, graphs=graphs)
         ours.prepare(7)
         a, b = ours.run(7, 5), ours.run(7, 5)
         assert len(a.step_ms) == len(b.step_ms) == 5 and ours.generators[7].cache.pos == 12
-        assert ours.generators[7].cache.in_place is fused
+        assert ours.generators[7].cache.in_place is (graphs != "portable")
+        assert (ours.generators[7].fused is not None) is (graphs == "one-call")
         assert all(t > 0 for t in a.step_ms) and all(math.isfinite(t) for t in a.host_ms)
     torch_runner = TorchRunner(mods, steps=5, threads=1)
     torch_runner.prepare(7)
@@ -79,7 +80,7 @@ def test_runners_resume_at_the_same_past(built):
 
 def test_whole_benchmark_on_a_tiny_shape(built):
     work = built[0]
-    contenders = ("genai", "genai-graph", "ours", "ours-portable", "torch", "transformers")
+    contenders = ("genai", "genai-graph", "ours", "ours-split", "ours-portable", "torch", "transformers")
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError:
@@ -89,7 +90,7 @@ def test_whole_benchmark_on_a_tiny_shape(built):
     assert len(result.ms) == len(contenders)
     for per_past in result.ms.values():
         assert set(per_past) == {4, 16} and all(math.isfinite(v) and v > 0 for v in per_past.values())
-    assert set(result.host_ms) == {"ours", "ours (portable)"}
+    assert set(result.host_ms) == {"ours", "ours (3 calls)", "ours (portable)"}
     assert all(math.isfinite(v) for per in result.host_ms.values() for v in per.values())
     assert result.parity["same_tokens"] == 1.0 and result.floor_ms > 0
     table = render(result)

@@ -15,7 +15,7 @@ from qinyu_edge.export.qinyu_checkpoint import load_preset
 from qinyu_edge.runtime.kv_cache import NULL_ROWS
 
 COMPONENTS = {"encoder", "audio_projector", "speaker_projector", "embedding", "backbone",
-              "heads_logits", "heads_greedy", "xy_decoder", "campplus"}
+              "heads_logits", "heads_greedy", "xy_decoder", "campplus", "decode"}
 
 
 @pytest.fixture(scope="module", params=["tiny-4b", "tiny-8b"])
@@ -32,10 +32,11 @@ def test_bundle_has_every_component_and_passes_parity(exported):
     assert bundle.format_version == FORMAT_VERSION and bundle.config.name == name
     assert bundle.parity["ok"] and bundle.parity["worst_rel"] <= 1e-4
     rows = json.loads((out / "parity.json").read_text())["rows"]
-    # The Qwen3 backbone also has its ONNX Runtime CPU graph, checked like the components.
-    variants = {"backbone"} if name == "tiny-8b" else set()
+    # The Qwen3 backbone also has its ONNX Runtime CPU graph, checked like the components, and the
+    # fused decode graph one made from it.
+    variants = {"backbone", "decode"} if name == "tiny-8b" else set()
     assert set(bundle.ort_variants) == variants
-    assert {r["component"] for r in rows} == COMPONENTS | {f"{v} (ort cpu)" for v in variants}
+    assert {r["component"] for r in rows} == COMPONENTS | ({"backbone (ort cpu)"} if variants else set())
     for v in variants:
         spec = bundle.ort_variants[v]
         model = onnx.load(str(out / spec.file))

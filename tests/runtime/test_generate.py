@@ -16,15 +16,19 @@ from qinyu_edge.runtime.sampling import SamplingConfig
 PROMPT = "<|im_start|>user\nHello there, how are you?<|im_end|>\n<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["ort-variant", "portable"])
+@pytest.fixture(scope="module", params=[(True, True), (False, True), (True, False)],
+                ids=["fused", "fused-portable", "split"])
 def engine(preset_bundle, request):
-    """Each preset's engine as the CPU runs it by default (the backbone's ONNX Runtime variant where
-    the bundle has one), and on the portable graphs."""
+    """Each preset's engine as the CPU runs it by default (a greedy step is the host embedding table and
+    the fused decode graph, on the backbone's ONNX Runtime variant where the bundle has one), on the
+    portable graphs, and on the separate graphs (embedding, backbone, heads_greedy)."""
     name, path = preset_bundle
-    eng = Engine(path, EngineOptions(ort_variants=request.param))
-    if not request.param and not eng.bundle.ort_variants:
+    variants, fused = request.param
+    eng = Engine(path, EngineOptions(ort_variants=variants, fused=fused))
+    if not variants and not eng.bundle.ort_variants:
         pytest.skip("this bundle has no ONNX Runtime variants: the default run covers its graphs")
-    assert eng.cache.in_place == bool(request.param and eng.bundle.ort_variants)
+    assert eng.cache.in_place == bool(variants and eng.bundle.ort_variants)
+    assert (eng.generator.fused is not None) == fused and (eng.host_embedding is not None) == fused
     return name, eng
 
 
@@ -67,8 +71,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_with_the_same_result(engine):
     whole = gen.generate(emb, max_new_tokens=40)
     gen.prefill(emb)
     hidden_whole, cache_whole = gen.hidden.copy(), [b.copy() for b in eng.cache.buffers]
-    spy, chunk = CallShapes(gen.backbone), gen.prefill_chunk
-    gen.backbone, gen.prefill_chunk = spy, 7
+    which = "fused" if gen.fused is not None else "backbone"
+    spy, chunk = CallShapes(getattr(gen, which)), gen.prefill_chunk
+    setattr(gen, which, spy)
+    gen.prefill_chunk = 7
     try:
         gen.prefill(emb)
         assert spy.lengths == [7] * (emb.shape[1] // 7) + ([emb.shape[1] % 7] if emb.shape[1] % 7 else [])
@@ -77,7 +83,8 @@ def test_a_long_prompt_is_prefilled_in_chunks_with_the_same_result(engine):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
         chunked = gen.generate(emb, max_new_tokens=40)
     finally:
-        gen.backbone, gen.prefill_chunk = spy.session, chunk
+        setattr(gen, which, spy.session)
+        gen.prefill_chunk = chunk
     assert chunked.tokens == whole.tokens
     assert max(spy.lengths) == 7  # decode steps are single positions
 
@@ -87,7 +94,7 @@ def test_bytes_moved_per_step_do_not_grow_with_context(engine):
     _, eng = engine
     gen, cache = eng.generator, eng.cache
     h = eng.config.backbone.hidden_size
-    sessions = [eng.sessions[n] for n in ("embedding", "backbone", "heads_greedy")]
+    sessions = [s for s in (gen.embedding, gen.backbone, gen.greedy, gen.fused) if s is not None]
 
     def moved_in_steps(past_len, n=5):
         cache.reset()
@@ -105,7 +112,8 @@ def test_bytes_moved_per_step_do_not_grow_with_context(engine):
     # copied out of their bound buffers), never the cache; a graph that updates the cache in place
     # moves no cache bytes at all
     new_rows = 0 if cache.in_place else sum(b[0].nbytes for b in cache.buffers)
-    assert short == 5 * (4 * h + new_rows)
+    ids = 8 * eng.layout.n_codebooks if gen.fused else 0  # the fused graph also returns the next choice
+    assert short == 5 * (4 * h + ids + new_rows)
 
 
 def test_new_positions_land_in_the_cache_slot(engine):
@@ -192,14 +200,16 @@ def test_a_variant_onnx_runtime_cannot_load_falls_back_to_the_portable_graph(pre
         pytest.skip("only the Qwen3 bundle has an ONNX Runtime variant")
     copy = tmp_path / "bundle"
     shutil.copytree(path, copy)
-    variant = json.loads((copy / MANIFEST).read_text())["ort_variants"]["backbone"]["file"]
-    model = onnx.load(str(copy / variant))
-    for node in model.graph.node:
-        if node.op_type == "GroupQueryAttention":
-            node.op_type = "GroupQueryAttentionFromTheFuture"
-    onnx.save_model(model, str(copy / variant))
     d = json.loads((copy / MANIFEST).read_text())
-    d["files"][variant] = {"sha256": sha256_file(copy / variant), "bytes": (copy / variant).stat().st_size}
+    assert set(d["ort_variants"]) == {"backbone", "decode"}
+    for spec in d["ort_variants"].values():  # the backbone's variant and the fused graph made from it
+        variant = spec["file"]
+        model = onnx.load(str(copy / variant))
+        for node in model.graph.node:
+            if node.op_type == "GroupQueryAttention":
+                node.op_type = "GroupQueryAttentionFromTheFuture"
+        onnx.save_model(model, str(copy / variant))
+        d["files"][variant] = {"sha256": sha256_file(copy / variant), "bytes": (copy / variant).stat().st_size}
     (copy / MANIFEST).write_text(json.dumps(d))
     eng = Engine(copy)
     assert not eng.cache.in_place and "cannot load its CPU variant" in caplog.text
