@@ -33,8 +33,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--lm-head", default=None, help="lm_head precision (default: fp16 for a quantized backbone)")
     p.add_argument("--embedding", default=None, help="embedding table precision (default: as --lm-head)")
     p.add_argument("--kv-cache", default=None, help="KV cache precision: fp16 (default), fp8, int8 or fp32")
+    p.add_argument("--embedding-graph", action="store_true",
+                   help="count the embedding graph's whole table, as for a bundle without a memory-mapped table "
+                        "(exported before bundle format 5, or quantized with --embedding int4)")
     p.add_argument("--shared-embedding", action="store_true",
-                   help="tied models: gather embedding rows from the lm_head weights instead of a second copy")
+                   help="with --embedding-graph, tied models: gather embedding rows from the lm_head weights instead "
+                        "of a second copy")
     p.add_argument("--margin", type=float, default=0.10, help="safety margin, a fraction of the usable memory")
     p.add_argument("--accuracy-from", type=Path, default=None, metavar="QUANTIZED_BUNDLE",
                    help="with --precision auto: the measured accuracy of this quantized bundle's precisions")
@@ -101,7 +105,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .recipe_choice import Measured, choose
     from .targets import get_target
 
-    options = PlanOptions(margin=args.margin, separate_embedding=not args.shared_embedding)
+    options = PlanOptions(margin=args.margin, host_embedding=not args.embedding_graph,
+                          separate_embedding=not args.shared_embedding)
     choice = None
     if args.precision == "auto":
         fixed = [f for f in ("lm_head", "embedding", "kv_cache") if getattr(args, f) is not None]

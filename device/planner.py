@@ -60,6 +60,8 @@ ENGINES = ("encoder", "audio_projector", "speaker_projector", "embedding", "back
 ENGINE_SCRATCH_BYTES = 32 * 2**20  # tactic workspace per execution context (UNVERIFIED)
 ENCODER_MAX_FRAMES = 500  # the bundle's encoder profile maximum: 30 s of speech at 16.67 Hz
 CAMPP_CHUNK_FRAMES = 998  # one 10 s chunk of 100 Hz fbank
+# Distinct text tokens a long conversation embeds (its resident share of a memory-mapped table).
+TOUCHED_TEXT_ROWS = 4096
 
 # Runtime footprints (UNVERIFIED until `bench` measures them):
 # CUDA context with TensorRT, cuBLAS/cuDNN loaded lazily. On a Jetson the libraries' resident pages
@@ -201,7 +203,11 @@ class PlanOptions:
     # engine's prefill profile stops there, so TensorRT sizes its scratch for one chunk.
     prefill_tokens: int = PREFILL_CHUNK
     fused_attention: bool = False  # True drops the materialised attention scores from activations
-    # The bundle's `embedding` graph holds its own table, so a tied model (4B) stores the matrix twice.
+    # The runtime gathers embedding rows on the host from the bundle's memory-mapped table (bundle
+    # format 5): only the rows a conversation touches are resident. False: the embedding graph is
+    # loaded (older bundles, a quantized table), and then `separate_embedding` says whether a tied
+    # model (4B) holds the matrix twice.
+    host_embedding: bool = True
     separate_embedding: bool = True
     runtime_bytes: int | None = None  # None: RUNTIME_UNIFIED_BYTES or RUNTIME_DISCRETE_BYTES
     system_reserved_bytes: int | None = None  # None: the target's
@@ -237,7 +243,12 @@ def memory_items(cfg: ModelConfig, target: Target, recipe: Recipe, context: int,
         f"{bp.linear / 1e9:.3f}B params at {r.backbone}{scale_note}; norms at {r.activation_precision}")
     add("weights", "lm_head", bp.vocab_matrix * bytes_per_param(r.lm_head, s),  # type: ignore[arg-type]
         f"{bp.vocab_matrix / 1e9:.3f}B params at {r.lm_head}" + (" (tied with the embedding)" if bp.tied else ""))
-    if not bp.tied or options.separate_embedding:
+    if options.host_embedding:
+        rows = min(b.vocab_size, TOUCHED_TEXT_ROWS + cfg.n_codebooks * cfg.ids_per_book)
+        add("weights", "embedding rows (mapped)", rows * b.hidden_size * bytes_per_param(r.embedding, s),  # type: ignore[arg-type]
+            f"{rows} of {b.vocab_size} rows resident: every audio codebook row and {TOUCHED_TEXT_ROWS} distinct text "
+            f"tokens, from the memory-mapped table at {r.embedding}", on_device=False)
+    elif not bp.tied or options.separate_embedding:
         add("weights", "embedding table", bp.vocab_matrix * bytes_per_param(r.embedding, s),  # type: ignore[arg-type]
             f"at {r.embedding}" + ("; a second copy of the tied matrix in the embedding graph" if bp.tied else ""))
     add("weights", "SenseVoice encoder", SENSEVOICE_PARAMS * bytes_per_param(r.encoder, s),
@@ -473,21 +484,26 @@ def _alternatives(cfg: ModelConfig, target: Target, recipe: Recipe, context: int
     def lowered(rec: Recipe, p: str) -> Recipe:
         return dataclasses.replace(rec, backbone=p)
 
+    # A mapped embedding table costs only its touched rows: then only the lm_head is worth narrowing.
+    heads_flags = "--lm-head {p}" if options.host_embedding else "--lm-head {p} --embedding {p}"
+
     def quantized_heads(rec: Recipe) -> Recipe:
+        if options.host_embedding:
+            return dataclasses.replace(rec, lm_head=rec.backbone)
         return dataclasses.replace(rec, lm_head=rec.backbone, embedding=rec.backbone)
 
     shared = dataclasses.replace(options, separate_embedding=False)
     lower = [p for p in target.precisions if bytes_per_param(p) < bytes_per_param(r.backbone)]
     small = model_for_variant("4b") if cfg.variant == "8b" else None
-    can_share = cfg.backbone.tie_word_embeddings and options.separate_embedding
+    can_share = cfg.backbone.tie_word_embeddings and options.separate_embedding and not options.host_embedding
 
     singles: list[tuple[str, ModelConfig, Recipe, PlanOptions]] = [
         (f"--precision {p}", cfg, lowered(recipe, p), options) for p in lower]
     if can_share:
         singles.append(("--shared-embedding (one copy of the tied matrix: embedding rows gathered from the "
                         "lm_head weights)", cfg, recipe, shared))
-    if r.backbone in QUANTIZED and (r.lm_head != r.backbone or r.embedding != r.backbone):
-        singles.append((f"--lm-head {r.backbone} --embedding {r.backbone} (not the default; check accuracy)",
+    if r.backbone in QUANTIZED and quantized_heads(r) != r:
+        singles.append((heads_flags.format(p=r.backbone) + " (not the default; check accuracy)",
                         cfg, quantized_heads(recipe), options))
     if small is not None:
         singles.append(("--variant 4b", small, recipe, options))
@@ -508,8 +524,8 @@ def _alternatives(cfg: ModelConfig, target: Target, recipe: Recipe, context: int
             parts = [f"--precision {p}"] if p != r.backbone else []
             if p in QUANTIZED:
                 rec = quantized_heads(rec)
-                parts.append(f"--lm-head {p} --embedding {p}")
-            opts = shared if c.backbone.tie_word_embeddings and options.separate_embedding else options
+                parts.append(heads_flags.format(p=p))
+            opts = shared if c.backbone.tie_word_embeddings and can_share else options
             if opts is shared:
                 parts.append("--shared-embedding")
             if c is not cfg:

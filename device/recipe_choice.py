@@ -39,9 +39,10 @@ ROOFLINE_EFFICIENCY = 0.85
 # Least accuracy given up first. fp8 and int8 (per-channel, Q/DQ) lose about the same; int4 and
 # fp4 are block-scaled 4-bit weights.
 BACKBONE_LADDER = ("fp16", "fp8", "int8", "int4", "fp4")
-# (lm_head, embedding) as `qinyu-edge quantize --lm-head/--embedding` writes them: int8 exists for
-# the lm_head only (ModelOpt quantizes Gather tables in INT4).
-HEAD_LADDER = (("fp16", "fp16"), ("int8", "fp16"), ("int4", "int4"))
+# The lm_head as `qinyu-edge quantize --lm-head` writes it. The embedding stays fp16: the runtime
+# maps its table and gathers a few rows per step, so a narrower table saves neither memory that
+# counts nor bandwidth (and a quantized table would load the embedding graph instead).
+HEAD_LADDER = ("fp16", "int8", "int4")
 KV_LADDER = ("fp16", "fp8")
 LOSS_RANK = {"fp16": 0, "fp8": 1, "int8": 1, "int4": 2, "fp4": 2}
 
@@ -115,13 +116,13 @@ class Choice:
 
 def _candidates(target: Target) -> list[Recipe]:
     backbones = [p for p in BACKBONE_LADDER if target.supports(p)]
-    heads = [pair for pair in HEAD_LADDER if all(target.supports(p) for p in pair)]
+    heads = [p for p in HEAD_LADDER if target.supports(p)]
     kvs = [p for p in KV_LADDER if target.supports(p)]
     out = []
-    for b, (h, e), kv in itertools.product(backbones, heads, kvs):
+    for b, h, kv in itertools.product(backbones, heads, kvs):
         if LOSS_RANK[h] > LOSS_RANK[b]:
             continue  # the heads are never quantized further than the layers
-        out.append(Recipe(b, lm_head=h, embedding=e, kv_cache=kv))
+        out.append(Recipe(b, lm_head=h, embedding="fp16", kv_cache=kv))
     # Least given up first; ties go to the more accurate backbone, then heads.
     return sorted(out, key=lambda r: (LOSS_RANK[r.backbone] + LOSS_RANK[r.lm_head] + LOSS_RANK[r.kv_cache],
                                       LOSS_RANK[r.backbone], LOSS_RANK[r.lm_head]))
@@ -160,7 +161,6 @@ def _steps(cfg: ModelConfig, plan: Plan, options: PlanOptions, measured: Measure
     steps = []
     for part, value, change in (("backbone", r.backbone, {"backbone": r.backbone}),
                                 ("lm_head", r.lm_head, {"lm_head": r.lm_head}),
-                                ("embedding", r.embedding, {"embedding": r.embedding}),
                                 ("KV cache", r.kv_cache, {"kv_cache": r.kv_cache})):
         if value == "fp16":
             continue
@@ -173,11 +173,11 @@ def _steps(cfg: ModelConfig, plan: Plan, options: PlanOptions, measured: Measure
 
 def _accuracy(part: str, value: str, measured: Measured | None) -> str:
     if measured is not None:
-        key = {"backbone": "backbone", "lm_head": "heads_greedy", "embedding": "embedding"}.get(part)
+        key = {"backbone": "backbone", "lm_head": "heads_greedy"}.get(part)
         if key is not None and measured.precisions.get(key) == value:
             return (f"measured on {measured.bundle}: {measured.greedy_prefix:.1%} of fp32's greedy tokens "
                     "identical before the first divergence")
-    what = {"backbone": "every layer's weights", "lm_head": "every token choice", "embedding": "every input row",
+    what = {"backbone": "every layer's weights", "lm_head": "every token choice",
             "KV cache": "attention over the whole past"}[part]
     return (f"{value} touches {what}; unmeasured for this bundle: `qinyu-edge quantize --recipe ...` reports "
             "greedy-token agreement with fp32, then `plan --accuracy-from QUANTIZED_BUNDLE`")

@@ -43,7 +43,7 @@ def test_per_step_weight_bytes_reproduce_model_spec(cfg, precision, spec_gb):
 ])
 def test_whole_backbone_weights_reproduce_model_spec(cfg, precision, spec_gb):
     items = memory_items(cfg, TARGETS["agx-thor"], Recipe.uniform(precision), 1,
-                         PlanOptions(separate_embedding=False))
+                         PlanOptions(host_embedding=False, separate_embedding=False))
     backbone = sum(i.bytes for i in items if i.name in ("backbone layers", "lm_head", "embedding table"))
     assert gb(backbone) == spec_gb
 
@@ -168,7 +168,8 @@ def test_a_card_counts_only_device_memory():
     t = TARGETS["rtx-4090"]
     items = memory_items(Q8, t, Recipe("fp8"), 4096)
     host = [i for i in items if not i.on_device]
-    assert {i.group for i in host} == {"voice loop"}
+    assert {i.group for i in host} == {"voice loop", "weights"}
+    assert [i.name for i in host if i.group == "weights"] == ["embedding rows (mapped)"]
     assert total_bytes(Q8, t, Recipe("fp8"), 4096) == sum(i.bytes for i in items if i.on_device)
     jetson = TARGETS["agx-orin-64"]
     with_loop = total_bytes(Q8, jetson, Recipe("int4"), 4096)
@@ -178,12 +179,19 @@ def test_a_card_counts_only_device_memory():
 
 def test_tied_matrix_copies_and_fused_attention():
     t = TARGETS["agx-orin-64"]
-    two = total_bytes(Q4, t, Recipe("int4"), 4096)
-    one = total_bytes(Q4, t, Recipe("int4"), 4096, PlanOptions(separate_embedding=False))
+    graph = PlanOptions(host_embedding=False)  # a bundle whose embedding graph is loaded
+    two = total_bytes(Q4, t, Recipe("int4"), 4096, graph)
+    one = total_bytes(Q4, t, Recipe("int4"), 4096, PlanOptions(host_embedding=False, separate_embedding=False))
     assert two - one == backbone_params(Q4).vocab_matrix * 2  # the fp16 embedding copy
     # The 8B is untied: it always has both matrices.
-    assert total_bytes(Q8, t, Recipe("int4"), 4096) == total_bytes(Q8, t, Recipe("int4"), 4096,
-                                                                   PlanOptions(separate_embedding=False))
+    assert total_bytes(Q8, t, Recipe("int4"), 4096, graph) == total_bytes(
+        Q8, t, Recipe("int4"), 4096, PlanOptions(host_embedding=False, separate_embedding=False))
+    # The mapped table (bundle format 5): every audio row and 4096 text rows resident, whatever the vocabulary.
+    for cfg in (Q4, Q8):
+        mapped = next(i for i in memory_items(cfg, t, Recipe("int4"), 4096) if i.name == "embedding rows (mapped)")
+        assert mapped.bytes == (4096 + 8 * 1032) * cfg.backbone.hidden_size * 2 and not mapped.on_device
+    assert two - total_bytes(Q4, t, Recipe("int4"), 4096) == backbone_params(Q4).vocab_matrix * 2 - (
+        4096 + 8 * 1032) * Q4.backbone.hidden_size * 2
     fused = total_bytes(Q8, t, Recipe("int4"), 4096, PlanOptions(fused_attention=True))
     b = Q8.backbone
     assert total_bytes(Q8, t, Recipe("int4"), 4096) - fused == 2 * 2 * b.num_attention_heads * 512 * 4096
@@ -207,7 +215,7 @@ def test_engines_that_never_run_together_count_their_largest_scratch(cfg):
 
 def test_alternatives_are_true():
     """Every 'fits up to N' the planner suggests is checked by planning it."""
-    p = plan_for("orin-nx-16", "8b", "int8", 8192)
+    p = plan_for("orin-nx-16", "8b", "int8", 16384)
     assert not p.fits and p.shortfall_bytes > 0
     text = "; ".join(p.alternatives)
     assert "--context" in text and "--precision int4" in text and "--variant 4b" in text
@@ -223,7 +231,7 @@ def test_alternatives_are_true():
         elif alt.startswith("--variant 4b"):
             assert fits(Q4, t, Recipe("int8"), n)
         elif alt.startswith("--lm-head int8"):
-            assert fits(Q8, t, Recipe("int8", lm_head="int8", embedding="int8"), n)
+            assert fits(Q8, t, Recipe("int8", lm_head="int8"), n)
         else:
             pytest.fail(f"unchecked suggestion {alt!r}")
 
@@ -234,8 +242,7 @@ def test_when_no_single_change_fits_a_combination_or_bigger_target_is_named():
     alt = p.alternatives[0]
     assert "--variant 4b" in alt and "--precision int4" in alt
     n = int(re.search(r"fits up to (\d+)", alt).group(1))
-    assert fits(Q4, TARGETS["orin-nano-8"], Recipe("int4", lm_head="int4", embedding="int4"), n,
-                PlanOptions(separate_embedding=False))
+    assert fits(Q4, TARGETS["orin-nano-8"], Recipe("int4", lm_head="int4"), n)
     # With half the memory set aside as margin nothing of the model fits an 8 GB board: name bigger ones.
     opts = PlanOptions(margin=0.5)
     none = plan_for("orin-nano-8", "8b", "int8", 4096, opts)
@@ -302,7 +309,7 @@ def test_cli_plan_recipe_flags(capsys):
     (["plan", "--target", "orin-pico"], ["unknown target 'orin-pico'", "agx-orin-64", "rtx-5090"]),
     (["plan", "--target", "agx-orin-64", "--precision", "fp8"], ["has no fp8", "fp32, fp16, int8, int4"]),
     (["plan", "--target", "orin-nano-8", "--variant", "8b", "--precision", "int8"],
-     ["does not fit", "short by 7.", "What would fit", "--variant 4b"]),
+     ["does not fit", "short by 6.", "What would fit", "--variant 4b"]),
     (["plan", "--target", "agx-thor", "--context", "0"], ["out of range"]),
 ])
 def test_cli_plan_bad_input_exits_2_with_a_clear_message(capsys, argv, needles):

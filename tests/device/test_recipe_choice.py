@@ -108,3 +108,15 @@ def test_cli_default_plan_and_its_errors(tmp_path, capsys):
     (broken / "bundle.json").write_text('{"origin": {}}')
     assert main(["plan", "--target", "orin-nano-8", "--accuracy-from", str(broken)]) == 2
     assert "no accuracy report" in capsys.readouterr().err
+
+
+def test_cli_plans_a_bundle_with_its_embedding_graph_loaded(capsys):
+    """--embedding-graph counts the whole table (older bundles, an int4 table): the 4B no longer fits
+    an Orin Nano at the recipe that fits with the mapped table."""
+    argv = ["plan", "--target", "orin-nano-8", "--variant", "4b", "--precision", "int4", "--lm-head", "int4",
+            "--context", "4096", "--json"]
+    assert main(argv) == 0
+    mapped = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--embedding-graph"]) == 2
+    graph = json.loads(capsys.readouterr().out)
+    assert graph["total_bytes"] - mapped["total_bytes"] > 0.6e9 and not graph["fits"]
