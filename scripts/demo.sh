@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec qinyu-edge demo "$@"
+source scripts/lib.sh
+exec "$VENV/bin/qinyu-edge" demo "$@"
