@@ -444,9 +444,21 @@ def _guarded(r: DoctorReport, area: str, fn: Callable[..., Any], *args: Any) -> 
         return None
 
 
+def engine_set_errors(bundle: str | Path, engines: str | Path, env: Environment | None = None) -> list[Check]:
+    """What `doctor --engines` finds wrong with an engine set for this bundle on this machine. The bundle's
+    recorded hashes are compared, not re-hashed: the runtime hashes its files when it loads them."""
+    from qinyu_edge.bundle import load_bundle
+
+    env = probe() if env is None else env
+    r = DoctorReport(environment=env)
+    _engine_checks(env, r, Path(engines), load_bundle(bundle, verify=False))
+    return r.errors
+
+
 def run_doctor(bundle: str | Path | None = None, engines: str | Path | None = None,
                require: Sequence[str] = ()) -> DoctorReport:
     return diagnose(probe(), bundle, engines, require)
 
 
-__all__ = ["REQUIREMENTS", "AudioProbe", "Check", "DoctorReport", "Environment", "diagnose", "probe", "run_doctor"]
+__all__ = ["REQUIREMENTS", "AudioProbe", "Check", "DoctorReport", "Environment", "diagnose", "engine_set_errors", "probe",
+           "run_doctor"]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
+import sys
 import time
 from importlib import resources
 from pathlib import Path
 
+from qinyu_edge.assistant_config import add_config_option
 from qinyu_edge.errors import QinyuError
 
 log = logging.getLogger(__name__)
@@ -153,12 +154,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from rich.live import Live
+    from qinyu_edge.assistant_config import resolve_chat_args
 
-    from .audio_devices import AudioDeviceConfig, DeviceSink, DeviceSource
+    from .audio_devices import AudioDeviceConfig
+    from .supervised import Supervisor
+
+    args = resolve_chat_args(args)  # the --config file, under the flags given
+    dev = AudioDeviceConfig(backend=args.backend, input_device=args.input_device, output_device=args.output_device)
+    with Supervisor(dev) as sup:  # one assistant per device pair; SIGTERM cuts the reply; systemd notify
+        return _chat(args, dev, sup)
+
+
+def _chat(args: argparse.Namespace, dev, sup) -> int:
+    from contextlib import nullcontext
+
+    from rich.live import Live
+    from rich.text import Text
+
+    from .audio_devices import DeviceSink, DeviceSource
+    from .supervised import EXIT_ENGINES, EnginesUnusable, check_engines
 
     console = _wide_console()
-    dev = AudioDeviceConfig(backend=args.backend, input_device=args.input_device, output_device=args.output_device)
+    # Not on a terminal (the service: journald): plain lines, no live status line.
+    plain = not console.is_terminal
+    if args.engines is not None:
+        try:
+            check_engines(Path(args.bundle), Path(args.engines))
+        except EnginesUnusable as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_ENGINES
     source, sink = DeviceSource(dev), DeviceSink(dev)
     turn_log = _TurnLog(args.log)
     status = {"state": "listening", "last": "-"}
@@ -173,23 +197,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
     def on_event(ev) -> None:
         from .voice_loop import StateChanged, TurnRecord
 
+        sup.on_event(ev)
         text = _describe(ev)
         if isinstance(ev, StateChanged):
             status["state"] = ev.new.value
         if isinstance(ev, TurnRecord):
             status["last"] = "-" if ev.first_played_ms is None else f"{ev.first_played_ms:.0f}"
             turn_log.write(ev)
-        if text and not isinstance(ev, StateChanged):
+        if text and plain:
+            print(f"{time.strftime('%H:%M:%S')} {Text.from_markup(text).plain}", flush=True)
+        elif text and not isinstance(ev, StateChanged):
             live.console.print(text)
 
     live = Live(console=console, refresh_per_second=8, transient=False, get_renderable=render)
-    loop = _build(args, Path(args.bundle), source, sink, on_event)
-    signal.signal(signal.SIGINT, lambda *_: loop.stop())
-    with live:
-        loop.run()
+    loop = _build(args, Path(args.bundle), sup.watch(source), sink, on_event)
+    sup.attach(loop)  # SIGINT: finish the reply and end; SIGTERM: cut it and end
+    if not sup.stop_requested.is_set() and sup.wait_for_devices():
+        with nullcontext() if plain else live:
+            loop.run()
     if loop.turns:
         console.print(_latency_table(loop.turns))
-    return 0
+    return sup.exit_code
 
 
 def add_parsers(sub) -> None:
@@ -204,9 +232,11 @@ def add_parsers(sub) -> None:
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("chat", help="the live voice assistant: microphone, VAD, turns, streaming playback, barge-in")
-    c.add_argument("--bundle", type=Path, required=True)
+    c.add_argument("--bundle", type=Path, required=True, help="model bundle folder")
     c.add_argument("--backend", choices=["sounddevice", "pyaudio"], default="sounddevice")
     c.add_argument("--input-device", help="microphone: index or (part of a) name; default: the system's")
     c.add_argument("--output-device", help="speaker: index or (part of a) name; default: the system's")
     _loop_args(c)
     c.set_defaults(func=cmd_chat)
+    # Last: every chat option added above is also a key of the --config file.
+    add_config_option(c)

@@ -135,6 +135,7 @@ class VoiceLoop:
         self.level = 0.0  # RMS of the latest microphone block, for a level meter
         self._t0 = time.perf_counter()
         self._stop = threading.Event()
+        self._cut_on_stop = False
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -153,8 +154,11 @@ class VoiceLoop:
             self.state = new
             self._emit(ev)
 
-    def stop(self) -> None:
-        """Ask the loop to end (from another thread, e.g. Ctrl-C handling)."""
+    def stop(self, cut_reply: bool = False) -> None:
+        """Ask the loop to end (from another thread or a signal handler). The reply in flight is played to
+        its end; with cut_reply (a service being stopped) it is cut at once, as a barge-in cuts it, and
+        only what was played joins the history and the turn record."""
+        self._cut_on_stop = self._cut_on_stop or cut_reply
         self._stop.set()
 
     # -- the reply worker -----------------------------------------------------------------------
@@ -206,8 +210,9 @@ class VoiceLoop:
     def _since(job: _Job, wall: float | None) -> float | None:
         return None if wall is None else (wall - job.t_speech_end) * 1e3
 
-    def _commit(self, barge_in: bool) -> None:
-        """The reply has been played out (or cut): it joins the history, as far as it was heard."""
+    def _commit(self, barge_in: bool, cut: bool = False) -> None:
+        """The reply has been played out (or cut: by a barge-in, or by stop(cut_reply=True)): it joins the
+        history, as far as it was heard."""
         job = self._job
         assert job is not None and job.collected and job.reply is not None
         self._job = None
@@ -215,12 +220,13 @@ class VoiceLoop:
         rec.first_played_ms = self._since(job, job.first_played)
         rec.reply_end_ms = self._since(job, time.perf_counter())
         rec.barge_in = barge_in
-        if barge_in:
+        if barge_in or cut:
             played = self.sink.played_seconds - job.played_before
             kept = self.conv.spoken_text(reply, played)
             self.conv.commit_turn(reply, kept)
             rec.reply_text = kept
-            self._emit(BargeIn(self._now(), played, kept))
+            if barge_in:
+                self._emit(BargeIn(self._now(), played, kept))
         else:
             self.conv.commit_turn(reply)
             rec.reply_text = reply.text
@@ -229,14 +235,19 @@ class VoiceLoop:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def _barge_in(self) -> None:
+    def _cut_reply(self) -> float:
+        """Stop the reply in flight now; the seconds of queued audio dropped."""
         job = self._job
         assert job is not None
         job.cancel.set()  # first, so no chunk decoded from here on is queued
         dropped = self.sink.flush()  # playback stops within one device block
-        log.info("barge-in: playback cut (%.2f s dropped), generation cancelled", dropped)
         if not job.collected:
             self._collect(job)
+        return dropped
+
+    def _barge_in(self) -> None:
+        dropped = self._cut_reply()
+        log.info("barge-in: playback cut (%.2f s dropped), generation cancelled", dropped)
         self._commit(barge_in=True)
         self._go(State.USER_SPEAKING, "barge-in")
 
@@ -257,7 +268,10 @@ class VoiceLoop:
                 if block is None:
                     break
                 self._step(block, time.perf_counter())
-            if self.detector.in_turn and self._job is None:
+            if self._cut_on_stop and self._job is not None:
+                log.info("stopped: reply cut (%.2f s of queued audio dropped)", self._cut_reply())
+                self._commit(barge_in=False, cut=True)
+            if self.detector.in_turn and self._job is None and not self._cut_on_stop:
                 for ev in self.detector.flush():
                     if isinstance(ev, TurnEnd):
                         self._start_reply(ev, time.perf_counter())
