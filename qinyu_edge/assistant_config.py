@@ -75,8 +75,11 @@ def _where(path: Path, key: str) -> str:
 
 def _scalar(path: Path, key: str, action: argparse.Action, value: Any) -> Any:
     t = action.type
-    if isinstance(value, (dict, list)) or value is None:
-        raise ConfigError(f"{_where(path, key)} must be a single value, got {value!r}")
+    if isinstance(value, dict):
+        raise ConfigError(f"{_where(path, key)}: a [table]; the file has no sections, every key is at the top level "
+                          "before any [header]")
+    if isinstance(value, list):
+        raise ConfigError(f"{_where(path, key)} = {value!r}: give a single value, not a list")
     if isinstance(value, bool) and t is not bool:
         raise ConfigError(f"{_where(path, key)} = {value!r}: not a switch; give a value like the flag --{key} takes")
     if t is None or t is str:
