@@ -146,3 +146,35 @@ def test_engine_set_that_cannot_run_here_exits_with_its_own_code_and_the_build_c
     # This machine has neither TensorRT nor a GPU; the fix is a build on the machine that runs it.
     assert "no TensorRT and no GPU" in r.stderr
     assert f"qinyu-edge build --bundle {bundle} --target orin-nano-8 --out {engines}" in r.stderr
+
+
+def test_stop_with_cut_reply_ends_the_reply_where_it_plays(tmp_path):
+    """VoiceLoop.stop(cut_reply=True), the SIGTERM path, in process: the turn is recorded with what was played."""
+    from qinyu_edge.export.bundle_export import preset_bundle
+    from qinyu_edge.runtime.audio_devices import FileSink, FileSource
+    from qinyu_edge.runtime.conversation import Conversation
+    from qinyu_edge.runtime.engine import Engine
+    from qinyu_edge.runtime.turn import TurnConfig, TurnDetector
+    from qinyu_edge.runtime.vad import VadConfig
+    from qinyu_edge.runtime.voice_loop import LoopConfig, State, StateChanged, TurnRecord, VoiceLoop
+
+    speech = speak("Tell me about the weather in the mountains", tmp_path)
+    wav = tmp_path / "mic.wav"
+    write_wav(wav, np.concatenate([np.zeros(8000, np.float32), speech, np.zeros(16000 * 30, np.float32)]), 16000)
+    conv = Conversation(Engine(preset_bundle("tiny-8b")), max_new_tokens=600)
+    loop = None
+
+    def on_event(ev):
+        if isinstance(ev, StateChanged) and ev.new == State.SPEAKING:
+            loop.stop(cut_reply=True)
+
+    loop = VoiceLoop(conv, FileSource(wav, realtime=True, speed=3.0), FileSink(tmp_path / "out.wav", realtime=True, speed=3.0),
+                     TurnDetector(VadConfig(), TurnConfig(kind="silence", silence_timeout_ms=600)), LoopConfig(),
+                     on_event=on_event)
+    (turn,) = loop.run()
+    assert isinstance(turn, TurnRecord) and not turn.barge_in
+    assert turn.reply_audio_seconds > 5 * ((turn.reply_end_ms - turn.first_played_ms) / 1000)
+    # The history keeps only what was played (the tiny model's text is random, so compare lengths).
+    assert [t.role for t in conv.history] == ["user", "assistant"]
+    assert turn.reply_text == conv.history[-1].text
+    assert loop.state == State.LISTENING
