@@ -127,6 +127,7 @@ def describe_status(name: str, props: dict[str, str], user: bool) -> tuple[str, 
     code = props.get("ExecMainStatus", "0")
     if props.get("ActiveState") != "active" and code not in ("", "0"):
         why = {"2": "a bad config, or another assistant holds the audio devices",
+               "75": "an audio device was lost or would not open; systemd restarts it, and it waits for the device",
                "78": "the engine set does not fit the bundle or this GPU; the journal names the `qinyu-edge build` "
                      "command"}.get(code, "it failed")
         lines.append(f"  last exit status {code}: {why}")

@@ -67,8 +67,16 @@ class DeviceLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            if not self.path.parent.is_dir():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                # Shared by every user's assistant, like /run/lock itself (sticky: nobody removes another's).
+                os.chmod(self.path.parent, 0o1777)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except PermissionError as e:
+            raise AssistantBusy(f"cannot open the audio device lock {self.path} ({e.strerror}): another user's "
+                                f"assistant may hold these devices; or set {LOCK_DIR_ENV} to a folder you can "
+                                "write") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

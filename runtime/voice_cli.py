@@ -171,8 +171,8 @@ def _chat(args: argparse.Namespace, dev, sup) -> int:
     from rich.live import Live
     from rich.text import Text
 
-    from .audio_devices import DeviceSink, DeviceSource
-    from .supervised import EXIT_ENGINES, EnginesUnusable, check_engines
+    from .audio_devices import AudioDeviceError, DeviceSink, DeviceSource
+    from .supervised import EXIT_DEVICE_LOST, EXIT_ENGINES, EnginesUnusable, check_engines
 
     console = _wide_console()
     # Not on a terminal (the service: journald): plain lines, no live status line.
@@ -214,7 +214,11 @@ def _chat(args: argparse.Namespace, dev, sup) -> int:
     sup.attach(loop)  # SIGINT: finish the reply and end; SIGTERM: cut it and end
     if not sup.stop_requested.is_set() and sup.wait_for_devices():
         with nullcontext() if plain else live:
-            loop.run()
+            try:
+                loop.run()
+            except AudioDeviceError as e:  # found but would not open (busy, or gone again): a restart retries
+                print(f"error: {e}", file=sys.stderr)
+                return EXIT_DEVICE_LOST
     if loop.turns:
         console.print(_latency_table(loop.turns))
     return sup.exit_code
