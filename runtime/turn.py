@@ -2,11 +2,14 @@
 
 Three kinds, picked by `TurnConfig.kind`:
   * "smart_turn": Smart Turn v3.2 (the ONNX model shipped in the `pipecat-ai` wheel) judges the last
-    <= 8 s of the turn's audio each time the VAD ends a segment; if it says "incomplete", the turn still
-    ends after `max_silence_ms` of silence.
+    <= 8 s of the turn's audio when the VAD ends a segment and again while the silence grows; the
+    `EndpointPolicy` (endpointing.py) combines its probability with the silence length.
   * "silence": the turn ends after `silence_timeout_ms` of silence following speech.
   * "text": a `Transcriber` plus a `TextTurnModel` (e.g. TEN Turn Detection, or a classifier fed by
-    SenseVoice's CTC transcript) judge the transcript; the same silence cap applies.
+    SenseVoice's CTC transcript) judge the transcript under the same policy ("complete" counts as p=1).
+
+A VAD split is not a turn: speech that resumes before the commit joins the open turn, whose audio is
+one clip with the pause inside it.
 
 Smart Turn's input (from pipecat's local_smart_turn_v3): the turn audio at 16 kHz, its last 8 s kept or
 zero-padded at the FRONT to 8 s, normalised to zero mean and unit variance, Whisper log-mel [80, 800];
@@ -27,6 +30,7 @@ import numpy as np
 
 from qinyu_edge.errors import ConfigError
 
+from .endpointing import EndpointPolicy
 from .vad import (
     FRAME,
     SAMPLE_RATE,
@@ -140,9 +144,8 @@ class TurnConfig:
     kind: Literal["smart_turn", "silence", "text"] = "smart_turn"
     # kind="silence": silence after the end of speech that ends the turn.
     silence_timeout_ms: int = 800
-    # kind="smart_turn"/"text": the turn ends after this much silence whatever the model says
-    # (pipecat's stop_secs default).
-    max_silence_ms: int = 3000
+    # kind="smart_turn"/"text": how the model's verdicts and the silence length end the turn.
+    endpoint: EndpointPolicy = EndpointPolicy()
     smart_turn_threshold: float = 0.5
     smart_turn_window_s: float = 8.0
     smart_turn_model_path: str | None = None
@@ -151,8 +154,8 @@ class TurnConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("smart_turn", "silence", "text"):
             raise ConfigError(f"unknown turn detector {self.kind!r}; choose smart_turn, silence or text.")
-        if self.silence_timeout_ms < 0 or self.max_silence_ms < 0:
-            raise ConfigError("turn silence_timeout_ms and max_silence_ms must be >= 0.")
+        if self.silence_timeout_ms < 0:
+            raise ConfigError(f"turn silence_timeout_ms must be >= 0, got {self.silence_timeout_ms}.")
         if not 0.0 < self.smart_turn_threshold < 1.0:
             raise ConfigError(f"smart_turn_threshold must be in (0, 1), got {self.smart_turn_threshold}.")
 
@@ -175,11 +178,23 @@ def build_turn_model(
 
 @dataclass(frozen=True)
 class TurnCheck:
-    """The turn model was consulted at `sample` (it took `latency_ms` of CPU time)."""
+    """The turn model was consulted at `sample`, `silence_ms` after the last voiced frame (it took
+    `latency_ms` of CPU time); `threshold` is what p(complete) had to reach to commit then."""
 
     sample: int
     decision: TurnDecision
     latency_ms: float
+    silence_ms: float = 0.0
+    threshold: float = float("inf")
+
+
+@dataclass(frozen=True)
+class TurnTentative:
+    """The turn may be over (the model leans "complete", or the VAD closed a segment in silence mode):
+    a preemptive reply may start. Speech resuming before the TurnEnd voids it."""
+
+    sample: int
+    voiced_end_sample: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -189,6 +204,7 @@ class TurnEnd:
     audio_start_sample: int
     start_sample: int
     end_sample: int
+    voiced_end_sample: int  # end of the last frame the VAD scored as speech
     detected_sample: int
     audio: np.ndarray
     segments: tuple[tuple[int, int], ...]
@@ -201,18 +217,23 @@ class TurnEnd:
 
     @property
     def latency_ms(self) -> float:
-        """From the end of speech to the moment the end of the turn was known, in stream time."""
+        """From the VAD's end edge to the moment the end of the turn was known, in stream time."""
         return (self.detected_sample - self.end_sample) * 1000 / SAMPLE_RATE
 
+    @property
+    def voiced_latency_ms(self) -> float:
+        """From the last voiced frame to the moment the end of the turn was known, in stream time."""
+        return (self.detected_sample - self.voiced_end_sample) * 1000 / SAMPLE_RATE
 
-TurnEvent = VadEvent | TurnCheck | TurnEnd
+
+TurnEvent = VadEvent | TurnCheck | TurnTentative | TurnEnd
 
 
 class TurnDetector:
     """VAD segmenting plus end-of-turn detection over one 16 kHz stream.
 
     `process(samples)` returns, in stream order, the VAD events (SpeechStart / SpeechEnd /
-    SpeechDiscarded), each TurnCheck, and TurnEnd. Models run synchronously in the caller's thread
+    SpeechDiscarded), each TurnCheck, a TurnTentative where a reply may start early, and TurnEnd. Models run synchronously in the caller's thread
     (Smart Turn ~75 ms per check): callers reading from a device ring buffer lose nothing meanwhile.
     """
 
@@ -233,8 +254,9 @@ class TurnDetector:
         elif self.turn_config.kind == "silence":
             raise ConfigError("turn kind 'silence' uses no model; drop the model argument or pick another kind.")
         self.model = model
-        timeout_ms = self.turn_config.silence_timeout_ms if model is None else self.turn_config.max_silence_ms
-        self._timeout = round(timeout_ms * SAMPLE_RATE / 1000)
+        self.policy = self.turn_config.endpoint
+        self._timeout = round(self.turn_config.silence_timeout_ms * SAMPLE_RATE / 1000)
+        self._cadence = round(self.policy.check_every_ms * SAMPLE_RATE / 1000)
         self.reset()
 
     def reset(self) -> None:
@@ -245,6 +267,9 @@ class TurnDetector:
         self._speech_start = 0
         self._segments: list[tuple[int, int]] = []
         self._last_decision: TurnDecision | None = None
+        self._voiced_end = 0
+        self._next_check: int | None = None  # stream sample of the next model run while silent
+        self._tentative = False
 
     @property
     def position(self) -> int:
@@ -266,7 +291,7 @@ class TurnDetector:
             for ev in self.segmenter.process_frame(frame):
                 events.append(ev)
                 events.extend(self._on_vad(ev))
-            events.extend(self._check_timeout())
+            events.extend(self._endpoint())
             if self._turn_start is None:
                 cfg = self.segmenter.config
                 keep = int((cfg.pre_roll_ms + cfg.start_pad_ms) * SAMPLE_RATE / 1000) + FRAME
@@ -294,41 +319,70 @@ class TurnDetector:
                 self._speech_start = ev.sample
                 self._segments = []
                 self._last_decision = None
+            # Speech again before the commit: the same turn goes on, a tentative end is void.
+            self._next_check = None
+            self._tentative = False
             return []
         if isinstance(ev, SpeechDiscarded):
             if not self._segments:
                 self._turn_start = None  # the turn never got real speech
+            elif self.model is not None:
+                self._next_check = self.position  # a cough in the pause: judge the silence again
             return []
         assert isinstance(ev, SpeechEnd)
         self._segments.append((ev.start_sample, ev.end_sample))
+        self._voiced_end = ev.voiced_end_sample
         if final or ev.truncated:
             return []
         if self.model is None:
-            return self._check_timeout()
-        t0 = time.perf_counter()
-        decision = self.model.decide(self.history.slice(self._turn_start, self.position))
-        check = TurnCheck(self.position, decision, (time.perf_counter() - t0) * 1000)
-        self._last_decision = decision
-        log.debug("turn check at %.2f s: %s (p=%s, %.0f ms)", self.position / SAMPLE_RATE, decision.verdict.value, decision.probability, check.latency_ms)
-        if decision.verdict is TurnVerdict.INCOMPLETE:
-            return [check, *self._check_timeout()]
-        return [check, self._end("model", decision)]
+            self._tentative = True
+            return [TurnTentative(self.position, self._voiced_end)]
+        self._next_check = self.position  # judged at once, then every check_every_ms
+        return []
 
-    def _check_timeout(self) -> list[TurnEvent]:
+    def _endpoint(self) -> list[TurnEvent]:
+        """The policy's verdict on the silence so far: nothing, a model check, a tentative end, the end."""
         if self._turn_start is None or not self._segments or self.segmenter.in_speech:
             return []
-        if self.position - self._segments[-1][1] >= self._timeout:
-            return [self._end("silence" if self.model is None else "timeout", self._last_decision)]
-        return []
+        if self.model is None:
+            if self.position - self._segments[-1][1] >= self._timeout:
+                return [self._end("silence", None)]
+            return []
+        silence_ms = (self.position - self._voiced_end) * 1000 / SAMPLE_RATE
+        if silence_ms >= self.policy.max_silence_ms:
+            return [self._end("timeout", self._last_decision)]
+        if self._next_check is None or self.position < self._next_check:
+            return []
+        self._next_check = self.position + self._cadence
+        t0 = time.perf_counter()
+        decision = self._last_decision = self.model.decide(self.history.slice(self._turn_start, self.position))
+        threshold = self.policy.threshold(silence_ms)
+        check = TurnCheck(self.position, decision, (time.perf_counter() - t0) * 1000, silence_ms, threshold)
+        log.debug("turn check at %.2f s, %.0f ms of silence: %s (p=%s, needs %.2f, %.0f ms)", self.position / SAMPLE_RATE,
+                  silence_ms, decision.verdict.value, decision.probability, threshold, check.latency_ms)
+        if decision.verdict is TurnVerdict.WAIT:
+            return [check, self._end("model", decision)]
+        p = decision.probability
+        if p is None:  # a model without a probability: its verdict is all or nothing
+            p = 1.0 if decision.verdict is TurnVerdict.COMPLETE else 0.0
+        events: list[TurnEvent] = [check]
+        if not self._tentative and p >= self.policy.tentative_threshold:
+            self._tentative = True
+            events.append(TurnTentative(self.position, self._voiced_end))
+        if self.policy.commits(silence_ms, p):
+            events.append(self._end("model", decision))
+        return events
 
     def _end(self, reason, decision: TurnDecision | None) -> TurnEnd:
         end = self._segments[-1][1]
         ev = TurnEnd(
-            self._turn_start, self._speech_start, end, self.position, self.history.slice(self._turn_start, end),
-            tuple(self._segments), reason, decision,
+            self._turn_start, self._speech_start, end, self._voiced_end, self.position,
+            self.history.slice(self._turn_start, end), tuple(self._segments), reason, decision,
         )
         self._turn_start = None
         self._segments = []
+        self._next_check = None
+        self._tentative = False
         return ev
 
 
@@ -345,6 +399,7 @@ __all__ = [
     "TurnEnd",
     "TurnEvent",
     "TurnModel",
+    "TurnTentative",
     "TurnVerdict",
     "build_turn_model",
     "smart_turn_model_path",

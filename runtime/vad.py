@@ -193,6 +193,9 @@ class SpeechEnd:
 
     start_sample: int
     end_sample: int
+    # End of the last frame the model scored as speech (before end_pad_ms moves the edge): where the
+    # voice stopped, the reference for honest turn-end delays.
+    voiced_end_sample: int
     detected_sample: int
     audio_start_sample: int
     audio: np.ndarray
@@ -331,7 +334,7 @@ class VadSegmenter:
             log.debug("VAD: %.0f ms of speech at %.2f s discarded", (speech_end - self._speech_from) / 16, self._start / SAMPLE_RATE)
             return SpeechDiscarded(self._start, end, now)
         audio_start = max(self._start - self._pre_roll, self.history.start)
-        return SpeechEnd(self._start, end, now, audio_start, self.history.slice(audio_start, end), truncated)
+        return SpeechEnd(self._start, end, min(speech_end, now), now, audio_start, self.history.slice(audio_start, end), truncated)
 
 
 __all__ = [

@@ -16,10 +16,12 @@ from qinyu_edge.runtime.turn import (
     TurnDecision,
     TurnDetector,
     TurnEnd,
+    TurnTentative,
     TurnVerdict,
     build_turn_model,
     smart_turn_model_path,
 )
+from qinyu_edge.runtime.endpointing import EndpointPolicy
 from qinyu_edge.runtime.vad import FRAME, SAMPLE_RATE, SileroVad, VadConfig
 from qinyu_edge.runtime.whisper_features import fit_window, log_mel
 
@@ -119,23 +121,60 @@ def test_smart_turn_model_io(smart_turn, voice):
 
 
 def test_smart_turn_detector_ends_each_turn(vad, smart_turn, voice):
-    """Two requests 3.5 s apart: each ends with a TurnCheck and a TurnEnd, by the model or by the 3 s cap."""
+    """Two requests 3.5 s apart: each ends by the policy, re-checked on its cadence while silence grows."""
+    policy = EndpointPolicy()
     audio = _stream(0.5, voice["lights"], 3.5, voice["weather"], 3.5)
     det = TurnDetector(VadConfig(), TurnConfig(kind="smart_turn"), vad=vad, model=smart_turn)
     events = _run(det, audio)
     ends = [e for e in events if isinstance(e, TurnEnd)]
     checks = [e for e in events if isinstance(e, TurnCheck)]
     assert len(ends) == 2 and len(checks) >= 2
+    frame_ms = 1000 * FRAME / SAMPLE_RATE
     for end in ends:
         assert end.reason in ("model", "timeout")
         assert len(end.segments) == 1 and end.start_sample == end.segments[0][0]
+        assert end.voiced_end_sample >= end.end_sample  # the VAD edge sits a frame before the voice stops
         np.testing.assert_array_equal(end.audio, audio[end.audio_start_sample:end.end_sample])
+        assert policy.min_silence_ms <= end.voiced_latency_ms < policy.max_silence_ms + frame_ms
+        mine = [c for c in checks if end.voiced_end_sample < c.sample <= end.detected_sample]
+        # Asked when the segment closed, then every check_every_ms while the silence grew.
+        gaps = np.diff([c.sample for c in mine]) * 1000 / SAMPLE_RATE
+        assert mine and all(abs(g - policy.check_every_ms) <= frame_ms for g in gaps)
+        last = mine[-1]
         if end.reason == "model":
-            assert end.verdict is TurnVerdict.COMPLETE and end.latency_ms < 400
+            assert last.sample == end.detected_sample and last.decision.probability >= last.threshold
         else:
-            assert abs(end.latency_ms - 3000) <= 1000 * FRAME / SAMPLE_RATE
-    # Each check judged the turn so far: it came after its segment ended, before the turn end.
-    assert checks[0].sample <= ends[0].detected_sample < checks[-1].sample
+            assert all(c.decision.probability < c.threshold for c in mine)
+
+
+def test_endpoint_policy_rule():
+    p = EndpointPolicy(min_silence_ms=300, max_silence_ms=700, start_threshold=0.9, end_threshold=0.5)
+    assert not p.commits(299, 1.0)  # the hard minimum holds whatever the model says
+    assert p.threshold(300) == pytest.approx(0.9) and p.threshold(500) == pytest.approx(0.7)
+    assert p.commits(500, 0.71) and not p.commits(500, 0.69)
+    assert p.commits(700, 0.0) and p.commits(700, None)  # the fallback
+    assert not p.commits(650, None)
+    with pytest.raises(ConfigError, match="min_silence_ms <= max_silence_ms"):
+        EndpointPolicy(min_silence_ms=900, max_silence_ms=800)
+    with pytest.raises(ConfigError, match="falls as silence grows"):
+        EndpointPolicy(start_threshold=0.4, end_threshold=0.6)
+
+
+def test_mid_sentence_pauses_join_one_turn_and_the_end_commits_soon(vad, smart_turn, voice):
+    """Pauses of 200-400 ms split the VAD segments, never the turn (the silence rule holds even where
+    Smart Turn, deaf to espeak's flat prosody, calls a half sentence complete); the real end commits
+    within the policy's window from the last voiced frame."""
+    policy = EndpointPolicy()
+    audio = _stream(0.5, voice["lights"], 0.2, voice["weather"], 0.4, voice["lights"], 0.3, voice["weather"], 2.0)
+    events = _run(TurnDetector(VadConfig(), TurnConfig(kind="smart_turn"), vad=vad, model=smart_turn), audio)
+    ends = [e for e in events if isinstance(e, TurnEnd)]
+    assert len(ends) == 1 and len(ends[0].segments) >= 2
+    assert ends[0].voiced_latency_ms < policy.max_silence_ms + 1000 * FRAME / SAMPLE_RATE
+    np.testing.assert_array_equal(ends[0].audio, audio[ends[0].audio_start_sample:ends[0].end_sample])
+    # The real end was announced as tentative before (or as) it committed: a preemptive reply's start.
+    tentative = [e for e in events if isinstance(e, TurnTentative)]
+    assert tentative and tentative[-1].voiced_end_sample == ends[0].voiced_end_sample
+    assert tentative[-1].sample <= ends[0].detected_sample
 
 
 def test_noise_and_tones_make_no_turn(vad, smart_turn):
@@ -208,14 +247,19 @@ def test_text_turn_model_interface(vad, voice):
     audio = _stream(0.5, voice["lights"], 1.0, voice["weather"], 1.5)
     lights = voice["lights"].size / SAMPLE_RATE
     transcriber = _SegmentCounter([(0.0, "please turn on the lights and"), (lights + 1.4, "what is the weather?")])
-    det = TurnDetector(VadConfig(), TurnConfig(kind="text", max_silence_ms=3000), vad=vad,
+    det = TurnDetector(VadConfig(), TurnConfig(kind="text", endpoint=EndpointPolicy(max_silence_ms=3000)), vad=vad,
                        transcriber=transcriber, text_model=_PunctuationTurnModel())
     assert isinstance(det.model, TextTurnAnalyzer)
     events = _run(det, audio)
     checks = [e for e in events if isinstance(e, TurnCheck)]
     ends = [e for e in events if isinstance(e, TurnEnd)]
-    assert [c.decision.verdict for c in checks] == [TurnVerdict.INCOMPLETE, TurnVerdict.COMPLETE]
-    assert checks[1].decision.text == "please turn on the lights and what is the weather?"
+    # Re-asked through the first pause ("incomplete"), then "complete" from the end of the request on;
+    # "complete" counts as p=1, so the commit is the first such check past the hard minimum.
+    verdicts = [c.decision.verdict for c in checks]
+    first = verdicts.index(TurnVerdict.COMPLETE)
+    assert first >= 2 and set(verdicts[first:]) == {TurnVerdict.COMPLETE}
+    assert [c.silence_ms >= EndpointPolicy().min_silence_ms for c in checks[first:]] == [False] * (len(checks) - first - 1) + [True]
+    assert checks[-1].decision.text == "please turn on the lights and what is the weather?"
     assert len(ends) == 1 and ends[0].reason == "model" and len(ends[0].segments) == 2
 
 
