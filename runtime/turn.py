@@ -188,13 +188,14 @@ class TurnCheck:
     threshold: float = float("inf")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TurnTentative:
     """The turn may be over (the model leans "complete", or the VAD closed a segment in silence mode):
-    a preemptive reply may start. Speech resuming before the TurnEnd voids it."""
+    a preemptive reply may start on `audio`, the turn so far. Speech resuming before the TurnEnd voids it."""
 
     sample: int
     voiced_end_sample: int
+    audio: np.ndarray
 
 
 @dataclass(frozen=True, eq=False)
@@ -336,7 +337,7 @@ class TurnDetector:
             return []
         if self.model is None:
             self._tentative = True
-            return [TurnTentative(self.position, self._voiced_end)]
+            return [self._tentative_end()]
         self._next_check = self.position  # judged at once, then every check_every_ms
         return []
 
@@ -368,10 +369,13 @@ class TurnDetector:
         events: list[TurnEvent] = [check]
         if not self._tentative and p >= self.policy.tentative_threshold:
             self._tentative = True
-            events.append(TurnTentative(self.position, self._voiced_end))
+            events.append(self._tentative_end())
         if self.policy.commits(silence_ms, p):
             events.append(self._end("model", decision))
         return events
+
+    def _tentative_end(self) -> TurnTentative:
+        return TurnTentative(self.position, self._voiced_end, self.history.slice(self._turn_start, self._segments[-1][1]))
 
     def _end(self, reason, decision: TurnDecision | None) -> TurnEnd:
         end = self._segments[-1][1]

@@ -13,6 +13,8 @@ from pathlib import Path
 from qinyu_edge.assistant_config import add_config_option
 from qinyu_edge.errors import QinyuError
 
+from .endpointing import EndpointPolicy
+
 log = logging.getLogger(__name__)
 
 # The demo question ships with the package: espeak-ng -v en-us -s 165 "Can you tell me a short story
@@ -24,6 +26,13 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--turn", choices=["smart_turn", "silence"], default="smart_turn",
                    help="end-of-turn detector: Smart Turn v3.2 (pipecat-ai) or silence endpointing")
     p.add_argument("--silence-ms", type=int, default=800, help="silence that ends a turn with --turn silence")
+    policy = EndpointPolicy()
+    p.add_argument("--min-silence-ms", type=int, default=policy.min_silence_ms,
+                   help="--turn smart_turn: silence after the last voiced frame before any end of turn (hard minimum)")
+    p.add_argument("--max-silence-ms", type=int, default=policy.max_silence_ms,
+                   help="--turn smart_turn: silence that ends the turn whatever Smart Turn says (fallback)")
+    p.add_argument("--preemptive", action=argparse.BooleanOptionalAction, default=True,
+                   help="start the reply on a tentative end of turn, playing it only once the turn commits")
     p.add_argument("--vad", choices=["default", "official_web"], default="default", help="VAD preset")
     p.add_argument("--duplex", choices=["half", "full"], default="half",
                    help="half: ignore the mic while speaking (open speakers); full: headset, barge-in on")
@@ -54,8 +63,9 @@ def _build(args: argparse.Namespace, bundle: Path, source, sink, on_event):
     mode = "roleplay" if args.role else "conversation"
     conv = Conversation(engine, mode=mode, voice=args.voice, role_description=args.role,
                         num_history=args.num_history, max_new_tokens=args.max_new_tokens, schedule=schedule)
-    detector = TurnDetector(VadConfig.preset(args.vad), TurnConfig(kind=args.turn, silence_timeout_ms=args.silence_ms))
-    cfg = LoopConfig(duplex=args.duplex, barge_in_min_ms=args.barge_in_ms)
+    policy = EndpointPolicy(min_silence_ms=args.min_silence_ms, max_silence_ms=args.max_silence_ms)
+    detector = TurnDetector(VadConfig.preset(args.vad), TurnConfig(kind=args.turn, silence_timeout_ms=args.silence_ms, endpoint=policy))
+    cfg = LoopConfig(duplex=args.duplex, barge_in_min_ms=args.barge_in_ms, preemptive=args.preemptive)
     return VoiceLoop(conv, source, sink, detector, cfg, on_event=on_event)
 
 
@@ -83,24 +93,27 @@ def _wide_console():
 def _latency_table(turns):
     from rich.table import Table
 
-    table = Table(title="per-turn latency, ms from the end of user speech",
-                  caption="decide: end of turn known; 1st chunk: first audio decoded; 1st play: first sample "
-                          "handed to playback; end: reply finished")
-    cols = ("#", "decide", "enc", "prefill", "1st chunk", "1st play", "end", "steps", "ms/step", "audio s", "barge")
+    table = Table(title="per-turn latency, ms from the end of the user's voice (last frame the VAD scored as speech)",
+                  caption="vad: the VAD's end-of-segment event; decide: end of turn committed; 1st chunk: first audio "
+                          "decoded; 1st play: first sample handed to playback; end: reply finished; pre: the reply "
+                          "started preemptively, before the commit")
+    cols = ("#", "vad", "decide", "enc", "prefill", "1st chunk", "1st play", "end", "steps", "ms/step", "audio s",
+            "pre", "barge")
     for c in cols:
         table.add_column(c, justify="right", no_wrap=True)
     fmt = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
     for t in turns:
-        table.add_row(str(t.index), fmt(t.turn_decision_ms), f"{t.encoder_ms or 0:.1f}", fmt(t.prefill_ms),
-                      fmt(t.first_chunk_ms), fmt(t.first_played_ms), fmt(t.reply_end_ms), str(t.steps),
-                      f"{t.ms_per_step:.1f}", f"{t.reply_audio_seconds:.2f}", "yes" if t.barge_in else "")
+        table.add_row(str(t.index), fmt(t.vad_end_ms), fmt(t.turn_decision_ms), f"{t.encoder_ms or 0:.1f}",
+                      fmt(t.prefill_ms), fmt(t.first_chunk_ms), fmt(t.first_played_ms), fmt(t.reply_end_ms),
+                      str(t.steps), f"{t.ms_per_step:.1f}", f"{t.reply_audio_seconds:.2f}",
+                      "yes" if t.preemptive else "", "yes" if t.barge_in else "")
     return table
 
 
 def _describe(ev) -> str | None:
-    from .turn import TurnCheck, TurnEnd
+    from .turn import TurnCheck, TurnEnd, TurnTentative
     from .vad import SpeechEnd, SpeechStart
-    from .voice_loop import BargeIn, DeviceLost, StateChanged, TurnRecord
+    from .voice_loop import BargeIn, DeviceLost, ReplyDiscarded, StateChanged, TurnRecord
 
     if isinstance(ev, StateChanged):
         return f"[bold]{ev.old.value} -> {ev.new.value}[/bold] ({ev.reason})"
@@ -109,9 +122,16 @@ def _describe(ev) -> str | None:
     if isinstance(ev, SpeechEnd):
         return f"speech end: {ev.start_sample / 16000:.2f}-{ev.end_sample / 16000:.2f} s"
     if isinstance(ev, TurnCheck):
-        return f"turn check: {ev.decision.verdict.value} (p={ev.decision.probability:.2f}, {ev.latency_ms:.0f} ms)"
+        p = "-" if ev.decision.probability is None else f"{ev.decision.probability:.2f}"
+        return (f"turn check after {ev.silence_ms:.0f} ms of silence: {ev.decision.verdict.value} "
+                f"(p={p}, commits at {ev.threshold:.2f}; {ev.latency_ms:.0f} ms)")
+    if isinstance(ev, TurnTentative):
+        return "tentative end of turn"
+    if isinstance(ev, ReplyDiscarded):
+        return f"[yellow]user went on[/yellow]: preemptive reply discarded unplayed ({ev.generated_ms:.0f} ms of work)"
     if isinstance(ev, TurnEnd):
-        return f"end of turn ({ev.reason}), {ev.audio.size / 16000:.2f} s of user audio"
+        return (f"end of turn ({ev.reason}) {ev.voiced_latency_ms:.0f} ms after the voice stopped, "
+                f"{ev.audio.size / 16000:.2f} s of user audio")
     if isinstance(ev, DeviceLost):
         return f"[red]audio device lost[/red]: {ev.message}"
     if isinstance(ev, BargeIn):
@@ -129,9 +149,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .audio_devices import FileSink, FileSource
 
     console = _wide_console()
-    console.print(f"qinyu-edge demo: the embedded default [bold]{args.preset}[/bold]. Its weights are RANDOM "
-                  "(a tiny model of the real architecture): the reply is noise-like speech, not an answer.")
-    bundle = preset_bundle(args.preset, console=Console(stderr=True))
+    if args.bundle is not None:
+        bundle = Path(args.bundle)
+        console.print(f"qinyu-edge demo on the bundle [bold]{bundle}[/bold]")
+    else:
+        console.print(f"qinyu-edge demo: the embedded default [bold]{args.preset}[/bold]. Its weights are RANDOM "
+                      "(a tiny model of the real architecture): the reply is noise-like speech, not an answer.")
+        bundle = preset_bundle(args.preset, console=Console(stderr=True))
     wav = Path(args.input) if args.input else Path(str(resources.files("qinyu_edge") / "data" / DEMO_WAV))
     out = Path(args.output)
     source = FileSource(wav, realtime=not args.fast, tail_silence_s=1.5)
@@ -226,8 +250,12 @@ def _chat(args: argparse.Namespace, dev, sup) -> int:
 
 def add_parsers(sub) -> None:
     d = sub.add_parser("demo", help="the embedded default: the whole voice loop on a shipped spoken WAV, tiny preset")
-    d.add_argument("--preset", choices=["tiny-4b", "tiny-8b"], default="tiny-8b")
-    d.add_argument("--input", type=Path, help="another 16 kHz WAV to play into the loop")
+    d.add_argument("--preset", choices=["tiny-4b", "tiny-8b"], default="tiny-8b",
+                   help="the cached tiny preset to run when no --bundle is given")
+    d.add_argument("--bundle", type=Path, help="run this model bundle instead of a tiny preset")
+    d.add_argument("--input", type=Path,
+                   help="another recording to play into the loop (WAV/FLAC/...: any sample rate and channel count; "
+                        "it is resampled to 16 kHz mono)")
     d.add_argument("--output", type=Path, default=Path("qinyu-demo-reply.wav"), help="where the reply audio goes")
     d.add_argument("--fast", action="store_true", help="run faster than real time (no pacing)")
     _loop_args(d)

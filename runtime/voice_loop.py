@@ -8,6 +8,8 @@ or test the whole conversation; per-turn timings are collected for the JSONL log
         +------------------- reply done and played ---------+--------------------------+
     responding/speaking --user speech >= barge_in_min_ms (full duplex)--> barge-in: playback cut,
         generation cancelled at its next step, only the played part of the reply kept in history.
+    user_speaking --TurnTentative--> a preemptive reply generates with its playback held
+        (reply_job.py); TurnEnd releases it, SpeechStart before that discards it.
 
 Generation runs in a worker thread; the loop keeps reading the microphone meanwhile, so a device
 ring buffer never overflows and barge-in is heard while the reply plays.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Literal
 
@@ -27,9 +29,10 @@ import numpy as np
 from qinyu_edge.errors import ConfigError
 
 from .audio_devices import AudioDeviceLost, AudioSink, AudioSource
-from .conversation import Conversation, Reply
-from .turn import TurnDetector, TurnEnd
-from .vad import SpeechStart
+from .conversation import Conversation
+from .reply_job import ReplyJob
+from .turn import TurnDetector, TurnEnd, TurnTentative
+from .vad import SpeechEnd, SpeechStart
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class LoopConfig:
     # canceller); full: a headset, where user speech during playback is a barge-in.
     duplex: Literal["half", "full"] = "half"
     barge_in_min_ms: int = 300  # user speech this long during a reply interrupts it
+    # Start generating on a tentative end of turn, playing only once the turn commits.
+    preemptive: bool = True
     drain_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
@@ -71,6 +76,14 @@ class DeviceLost:
 
 
 @dataclass(frozen=True)
+class ReplyDiscarded:
+    """A preemptive reply was dropped unplayed: the user spoke again before the turn committed."""
+
+    at: float
+    generated_ms: float
+
+
+@dataclass(frozen=True)
 class BargeIn:
     at: float
     played_seconds: float
@@ -79,13 +92,14 @@ class BargeIn:
 
 @dataclass
 class TurnRecord:
-    """One turn's timings in milliseconds from the end of user speech (the VAD's end edge)."""
+    """One turn's timings in milliseconds from the end of the user's voice (the last frame the VAD
+    scored as speech), and the input clock (seconds from the first input sample) of its edges."""
 
     index: int
     user_seconds: float
     turn_reason: str
-    vad_end_ms: float = 0.0
-    turn_decision_ms: float = 0.0
+    vad_end_ms: float = 0.0  # the VAD's end-of-segment event
+    turn_decision_ms: float = 0.0  # the turn committed
     encoder_ms: float | None = None
     prefill_ms: float | None = None
     first_chunk_ms: float | None = None
@@ -98,27 +112,27 @@ class TurnRecord:
     ms_per_step: float = 0.0
     stop: str = ""
     barge_in: bool = False
+    preemptive: bool = False  # generation started on a tentative end, before the commit
+    input_speech_start_s: float = 0.0
+    input_speech_end_s: float = 0.0
+    input_commit_s: float = 0.0
+    input_first_audio_s: float | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-Event = StateChanged | BargeIn | DeviceLost | TurnRecord
+Event = StateChanged | BargeIn | ReplyDiscarded | DeviceLost | TurnRecord
 EventCallback = Callable[[object], None]
 
 
 @dataclass
-class _Job:
-    end: TurnEnd
+class _Turn:
+    """A committed turn's reply in flight and its record."""
+
+    job: ReplyJob
     record: TurnRecord
-    t_speech_end: float  # wall clock of the end of user speech
-    cancel: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-    reply: Reply | None = None
-    error: BaseException | None = None
-    first_played: float | None = None
-    played_before: float = 0.0  # the sink's played seconds when this reply started
-    collected: bool = False  # generation over, reply taken
+    t_voiced_end: float  # wall clock of the end of the user's voice
 
 
 class VoiceLoop:
@@ -130,9 +144,13 @@ class VoiceLoop:
         self.state = State.LISTENING
         self.events: list[object] = []
         self.turns: list[TurnRecord] = []
-        self._job: _Job | None = None
+        self._turn: _Turn | None = None  # the committed turn whose reply is in flight
+        self._preempt: ReplyJob | None = None  # a reply started on a tentative end, not yet committed
         self._speech_start: int | None = None  # stream sample of the latest SpeechStart
+        self._vad_end = 0  # stream sample of the latest SpeechEnd event
         self.level = 0.0  # RMS of the latest microphone block, for a level meter
+        self._input_samples = 0  # samples read from the source so far: the input clock
+        self._input_offset = 0  # input samples before the detector's stream position 0 (it is reset)
         self._t0 = time.perf_counter()
         self._stop = threading.Event()
         self._cut_on_stop = False
@@ -141,6 +159,10 @@ class VoiceLoop:
 
     def _now(self) -> float:
         return time.perf_counter() - self._t0
+
+    def _input_s(self, sample: int) -> float:
+        """Input clock (seconds from the first input sample) of a detector stream sample."""
+        return (self._input_offset + sample) / 16000
 
     def _emit(self, ev: object) -> None:
         self.events.append(ev)
@@ -161,64 +183,75 @@ class VoiceLoop:
         self._cut_on_stop = self._cut_on_stop or cut_reply
         self._stop.set()
 
-    # -- the reply worker -----------------------------------------------------------------------
+    # -- replies ------------------------------------------------------------------------------
 
-    def _respond(self, job: _Job) -> None:
-        def on_chunk(chunk: np.ndarray) -> None:
-            if job.cancel.is_set():
-                return
-            if job.first_played is None:
-                job.first_played = time.perf_counter()
-            self.sink.write(chunk)
+    def _new_job(self, audio: np.ndarray, released: bool) -> ReplyJob:
+        return ReplyJob(self.conv, audio, self.sink, released=released, input_clock=lambda: self._input_samples / 16000).start()
 
-        try:
-            job.reply = self.conv.ask(job.end.audio, on_chunk=on_chunk, cancel=job.cancel, commit=False)
-        except BaseException as e:  # noqa: BLE001 - reported by the loop thread
-            job.error = e
+    def _preempt_reply(self, ev: TurnTentative) -> None:
+        log.debug("tentative end of turn at %.2f s: preemptive reply started", self._input_s(ev.sample))
+        self._preempt = self._new_job(ev.audio, released=False)
+
+    def _discard_preempt(self) -> None:
+        job, self._preempt = self._preempt, None
+        assert job is not None
+        job.discard()
+        log.info("user spoke again: preemptive reply discarded unplayed")
+        self._emit(ReplyDiscarded(self._now(), (time.perf_counter() - job.started) * 1e3))
 
     def _start_reply(self, end: TurnEnd, read_wall: float) -> None:
-        # The last block read holds stream sample `position`; the speech ended `lag` earlier than that
+        # The last block read holds stream sample `position`; the voice stopped `lag` earlier than that
         # block arrived. The decision is known now, after the turn model has run.
-        lag_s = (self.detector.position - end.end_sample) / 16000
-        t_speech_end = read_wall - lag_s
+        lag_s = (self.detector.position - end.voiced_end_sample) / 16000
+        t_voiced_end = read_wall - lag_s
+        job, self._preempt = self._preempt, None
+        if job is not None and not np.array_equal(job.audio, end.audio):
+            job.discard()  # cannot happen with one detector; a stale reply must never play
+            job = None
         record = TurnRecord(index=len(self.turns), user_seconds=end.audio.size / 16000, turn_reason=end.reason,
-                            turn_decision_ms=(time.perf_counter() - t_speech_end) * 1e3)
-        job = _Job(end, record, t_speech_end, played_before=self.sink.played_seconds)
-        job.thread = threading.Thread(target=self._respond, args=(job,), name="qinyu-reply", daemon=True)
-        self._job = job
+                            vad_end_ms=(self._vad_end - end.voiced_end_sample) / 16,
+                            turn_decision_ms=(time.perf_counter() - t_voiced_end) * 1e3, preemptive=job is not None,
+                            input_speech_start_s=self._input_s(end.start_sample),
+                            input_speech_end_s=self._input_s(end.voiced_end_sample),
+                            input_commit_s=self._input_s(end.detected_sample))
+        if job is None:
+            job = self._new_job(end.audio, released=True)
+        else:
+            job.release()
+        self._turn = _Turn(job, record, t_voiced_end)
         self._go(State.RESPONDING, f"end of turn ({end.reason})")
-        job.thread.start()
 
-    def _collect(self, job: _Job) -> None:
+    def _since(self, wall: float | None) -> float | None:
+        assert self._turn is not None
+        return None if wall is None else (wall - self._turn.t_voiced_end) * 1e3
+
+    def _collect(self) -> None:
         """The generation is over (done or cancelled): take its reply and timings."""
-        assert job.thread is not None
-        job.thread.join()
-        if job.error is not None:
-            self._job = None
-            raise job.error
-        assert job.reply is not None
-        job.collected = True
-        rec, t = job.record, job.reply.timings
+        turn = self._turn
+        assert turn is not None
+        try:
+            reply = turn.job.join()
+        except BaseException:
+            self._turn = None
+            raise
+        rec, t = turn.record, reply.timings
         rec.encoder_ms, rec.prefill_ms = t.encoder_ms, t.prefill_ms
         if t.first_audio_ms is not None:
-            rec.first_chunk_ms = rec.turn_decision_ms + t.first_audio_ms
-        rec.generation_end_ms = self._since(job, time.perf_counter())
-        rec.steps, rec.ms_per_step, rec.stop = t.steps, t.ms_per_step, job.reply.stop
+            rec.first_chunk_ms = self._since(turn.job.started + t.first_audio_ms / 1e3)
+        rec.generation_end_ms = self._since(time.perf_counter())
+        rec.steps, rec.ms_per_step, rec.stop = t.steps, t.ms_per_step, reply.stop
         rec.reply_audio_seconds = t.audio_seconds
-
-    @staticmethod
-    def _since(job: _Job, wall: float | None) -> float | None:
-        return None if wall is None else (wall - job.t_speech_end) * 1e3
 
     def _commit(self, barge_in: bool, cut: bool = False) -> None:
         """The reply has been played out (or cut: by a barge-in, or by stop(cut_reply=True)): it joins the
         history, as far as it was heard."""
-        job = self._job
-        assert job is not None and job.collected and job.reply is not None
-        self._job = None
-        rec, reply = job.record, job.reply
-        rec.first_played_ms = self._since(job, job.first_played)
-        rec.reply_end_ms = self._since(job, time.perf_counter())
+        turn = self._turn
+        assert turn is not None and turn.job.collected and turn.job.reply is not None
+        rec, reply, job = turn.record, turn.job.reply, turn.job
+        rec.first_played_ms = self._since(job.first_played)
+        rec.input_first_audio_s = job.first_played_input_s
+        rec.reply_end_ms = self._since(time.perf_counter())
+        self._turn = None
         rec.barge_in = barge_in
         if barge_in or cut:
             played = self.sink.played_seconds - job.played_before
@@ -237,12 +270,12 @@ class VoiceLoop:
 
     def _cut_reply(self) -> float:
         """Stop the reply in flight now; the seconds of queued audio dropped."""
-        job = self._job
-        assert job is not None
+        assert self._turn is not None
+        job = self._turn.job
         job.cancel.set()  # first, so no chunk decoded from here on is queued
         dropped = self.sink.flush()  # playback stops within one device block
         if not job.collected:
-            self._collect(job)
+            self._collect()
         return dropped
 
     def _barge_in(self) -> None:
@@ -267,44 +300,48 @@ class VoiceLoop:
                     break
                 if block is None:
                     break
+                self._input_samples += block.size
                 self._step(block, time.perf_counter())
-            if self._cut_on_stop and self._job is not None:
+            if self._cut_on_stop and self._turn is not None:
                 log.info("stopped: reply cut (%.2f s of queued audio dropped)", self._cut_reply())
                 self._commit(barge_in=False, cut=True)
-            if self.detector.in_turn and self._job is None and not self._cut_on_stop:
+            if self.detector.in_turn and self._turn is None and not self._cut_on_stop:
                 for ev in self.detector.flush():
                     if isinstance(ev, TurnEnd):
                         self._start_reply(ev, time.perf_counter())
-            if self._job is not None:
-                if not self._job.collected:
-                    self._collect(self._job)
+            if self._turn is not None:
+                if not self._turn.job.collected:
+                    self._collect()
                 self.sink.finish()
                 self.sink.drain(self.config.drain_timeout_s)
                 self._commit(barge_in=False)
             self._go(State.LISTENING, "done")
         finally:
-            if self._job is not None:
-                self._job.cancel.set()
-                self.sink.flush()  # a reply thread blocked on a full playback queue returns at once
-                if self._job.thread is not None:
-                    self._job.thread.join()
+            for job in (self._turn.job if self._turn else None, self._preempt):
+                if job is not None:
+                    job.cancel.set()
+                    self.sink.flush()  # a reply thread blocked on a full playback queue returns at once
+                    job.thread.join()
             self.source.close()
             self.sink.close()
         return self.turns
 
     def _step(self, block: np.ndarray, read_wall: float) -> None:
         self.level = float(np.sqrt(np.mean(np.square(block)))) if block.size else 0.0
-        job = self._job
-        if job is not None:
+        turn = self._turn
+        if turn is not None:
+            job = turn.job
             if job.first_played is not None and self.state == State.RESPONDING:
                 self._go(State.SPEAKING, "first audio chunk")
             if not job.collected and not job.thread.is_alive():
-                self._collect(job)
+                self._collect()
                 self.sink.finish()
             if job.collected and self.sink.queued_seconds <= 0:
                 self._commit(barge_in=False)
                 if self.config.duplex == "half":
-                    self.detector.reset()  # what the mic heard meanwhile was our own voice
+                    # What the mic heard meanwhile was our own voice; the detector's clock restarts.
+                    self._input_offset = self._input_samples - block.size
+                    self.detector.reset()
                 self._go(State.LISTENING, "reply played")
         busy = self.state in (State.RESPONDING, State.SPEAKING)
         if busy and self.config.duplex == "half":
@@ -313,11 +350,18 @@ class VoiceLoop:
             self._emit(ev)
             if isinstance(ev, SpeechStart):
                 self._speech_start = ev.sample
+                if self._preempt is not None:
+                    self._discard_preempt()
                 if self.state == State.LISTENING:
                     self._go(State.USER_SPEAKING, "speech start")
+            elif isinstance(ev, SpeechEnd):
+                self._vad_end = ev.detected_sample
+            elif isinstance(ev, TurnTentative):
+                if self.config.preemptive and self.state == State.USER_SPEAKING and self._preempt is None:
+                    self._preempt_reply(ev)
             elif isinstance(ev, TurnEnd) and self.state == State.USER_SPEAKING:
                 self._start_reply(ev, read_wall)
-        if self._job is not None and self.detector.segmenter.in_speech and self._speech_start is not None:
+        if self._turn is not None and self.detector.segmenter.in_speech and self._speech_start is not None:
             heard_ms = (self.detector.position - self._speech_start) * 1000 / 16000
             if heard_ms >= self.config.barge_in_min_ms:
                 self._barge_in()

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from pulse import sound_card_fixture, speak, stop_process  # noqa: F401  (the sound_card fixture)
+from pulse import sound_card_fixture, speak, speech_edges, stop_process  # noqa: F401  (the sound_card fixture)
 
 from qinyu_edge.runtime.audio_devices import AudioDeviceConfig, DeviceSink, DeviceSource, FileSink, FileSource
 from qinyu_edge.runtime.audio_io import write_wav
@@ -17,7 +17,7 @@ from qinyu_edge.runtime.conversation import Conversation
 from qinyu_edge.runtime.engine import Engine
 from qinyu_edge.runtime.turn import TurnConfig, TurnDetector
 from qinyu_edge.runtime.vad import VadConfig
-from qinyu_edge.runtime.voice_loop import BargeIn, LoopConfig, State, StateChanged, TurnRecord, VoiceLoop
+from qinyu_edge.runtime.voice_loop import BargeIn, LoopConfig, ReplyDiscarded, State, StateChanged, TurnRecord, VoiceLoop
 
 SPEED = 3.0
 SR = 16000
@@ -32,13 +32,15 @@ def engine():
 
 @pytest.fixture(scope="module")
 def voice(tmp_path_factory):
+    """Clips trimmed to their speech, so the silences the tests put around them are exact."""
     d = tmp_path_factory.mktemp("loop_speech")
-    return {
+    clips = {
         "question": speak("What is the tallest mountain in the world", d),
         "follow": speak("And how high is it", d),
         "first_half": speak("Tell me about the weather", d),
         "second_half": speak("in the mountains tomorrow", d),
     }
+    return {k: v[slice(*speech_edges(v))] for k, v in clips.items()}
 
 
 def silence(seconds):
@@ -69,6 +71,15 @@ def test_one_turn(tmp_path, engine, voice):
     rec = turns[0]
     assert rec.steps == 40 and rec.reply_audio_seconds > 0 and not rec.barge_in
     assert rec.first_chunk_ms is not None and rec.first_played_ms is not None
+    # The input clock of the turn's edges: speech from 0.5 s, the voice stopped at the clip's end, the
+    # commit 800 ms after the VAD's end edge (a frame before the last voiced frame), nothing played before.
+    voiced = 0.5 + voice["question"].size / SR
+    assert abs(rec.input_speech_start_s - 0.5) < 0.15
+    assert abs(rec.input_speech_end_s - voiced) < 0.15
+    assert 0.75 <= rec.input_commit_s - rec.input_speech_end_s < 0.85
+    assert rec.input_first_audio_s >= rec.input_commit_s
+    # Started on the tentative end (the VAD's end event), so first audio follows the commit closely.
+    assert rec.preemptive and 0 < rec.vad_end_ms < 300
     assert [t.role for t in conv.history] == ["user", "assistant"]
     played = (tmp_path / "speaker.wav").stat().st_size
     assert played > 44 + 2 * 32000 * 0.5  # at least half a second of reply reached the speaker
@@ -92,6 +103,51 @@ def test_pause_mid_utterance_does_not_end_the_turn(tmp_path, engine, voice):
     assert len(end.segments) == 2  # two VAD segments, one turn
     assert abs(turns[0].user_seconds - (end.audio.size / SR)) < 1e-6
     assert end.audio.size / SR > (voice["first_half"].size + voice["second_half"].size) / SR
+
+
+def test_speech_resuming_discards_the_preemptive_reply(tmp_path, engine, voice):
+    """A 600 ms pause: the VAD's end event (200 ms) starts a preemptive reply; the user goes on before
+    the 800 ms commit, so it is dropped unplayed, and the one reply answers the whole turn."""
+    parts = [silence(0.5), voice["first_half"], silence(0.6), voice["second_half"]]
+    loop, conv = session(tmp_path, engine, parts)
+    turns = loop.run()
+    discarded = [e for e in loop.events if isinstance(e, ReplyDiscarded)]
+    assert len(discarded) == 1 and len(turns) == 1
+    (end,) = [e for e in loop.events if type(e).__name__ == "TurnEnd"]
+    assert len(end.segments) == 2
+    assert [t.role for t in conv.history] == ["user", "assistant"] and len(conv.clips) == 1
+    assert turns[0].preemptive and turns[0].input_first_audio_s >= turns[0].input_commit_s
+    # Nothing reached the speaker before the commit: the speaker file is silent until then.
+    from qinyu_edge.runtime.audio_io import load_16k_mono
+
+    heard = load_16k_mono(tmp_path / "speaker.wav")
+    before = heard[: int((turns[0].input_commit_s - 0.05) * SR)]
+    assert before.size and float(np.abs(before).max()) < 1e-3 < float(np.abs(heard).max())
+
+
+def test_without_preemption_the_reply_starts_at_the_commit(tmp_path, engine, voice):
+    wav = tmp_path / "mic.wav"
+    write_wav(wav, np.concatenate([silence(0.5), voice["question"]]), SR)
+    detector = TurnDetector(VadConfig(), TurnConfig(kind="silence", silence_timeout_ms=800))
+    loop = VoiceLoop(Conversation(engine, max_new_tokens=40), FileSource(wav, speed=SPEED, tail_silence_s=2.0),
+                     FileSink(tmp_path / "speaker.wav", speed=SPEED), detector, LoopConfig(preemptive=False))
+    (rec,) = loop.run()
+    assert not rec.preemptive and rec.first_chunk_ms > rec.turn_decision_ms
+
+
+def test_a_user_who_talks_over_every_reply(tmp_path, engine, voice):
+    """Full duplex, long replies, and the user cuts in 1.5 s after every turn: every reply is cut,
+    every interruption becomes the next turn, the history keeps only what was played."""
+    parts = [silence(0.5)]
+    for _ in range(3):
+        parts += [voice["question"], silence(1.5)]
+    loop, conv = session(tmp_path, engine, parts, duplex="full", max_new_tokens=300)
+    turns = loop.run()
+    assert len(turns) == 3 and [t.barge_in for t in turns] == [True, True, False]
+    assert len([e for e in loop.events if isinstance(e, BargeIn)]) == 2
+    assert [t.role for t in conv.history] == ["user", "assistant"] * 3
+    for rec, said in zip(turns, conv.history[1::2]):
+        assert said.text == rec.reply_text
 
 
 def test_barge_in_cuts_playback_and_keeps_only_what_was_played(tmp_path, engine, voice):
