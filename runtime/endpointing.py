@@ -13,9 +13,9 @@ max_silence_ms: a long pause needs less confidence. The first probability at or 
 `tentative_threshold` (or, with no model, the VAD's end of segment) marks a *tentative* end, where a
 preemptive reply may start while the commit is still pending.
 
-The defaults are what measured best on `python -m qinyu_edge.runtime.turn_bench` (espeak-ng
-conversations, README): the min_silence_ms keeps 200-400 ms mid-sentence pauses from committing even
-where Smart Turn, which cannot judge flat synthetic prosody, says "complete".
+The defaults are what measured best on `python -m qinyu_edge.device.bench_turns` (espeak-ng
+conversations): the silence rule alone keeps 200-400 ms mid-sentence pauses from committing, even
+where Smart Turn, which cannot judge flat synthetic prosody, would call them complete.
 """
 
 from __future__ import annotations
@@ -27,12 +27,19 @@ from qinyu_edge.errors import ConfigError
 
 @dataclass(frozen=True)
 class EndpointPolicy:
-    min_silence_ms: int = 416  # hard minimum: no commit sooner, whatever the model says
-    max_silence_ms: int = 736  # fallback: commit at this silence, whatever the model says
+    # Measured on espeak-ng speech (device/bench_turns.py): 320 ms of silence after the last voiced
+    # frame already committed inside 400 ms pauses (the VAD hears a pause ~60 ms shorter), 352 ms
+    # did not; 384 ms keeps a frame of margin. Smart Turn hears no prosody in espeak speech and is
+    # unsure of most finished sentences, so it only vetoes: under 0.2 at the minimum (falling to
+    # 0.05 at the cap) it holds the turn open, up to the cap.
+    min_silence_ms: int = 384  # hard minimum: no commit sooner, whatever the model says
+    max_silence_ms: int = 640  # fallback: commit at this silence, whatever the model says
     check_every_ms: int = 128  # model re-run cadence while the silence grows
-    start_threshold: float = 0.9  # p(complete) needed at min_silence_ms ...
-    end_threshold: float = 0.5  # ... falling to this at max_silence_ms
-    tentative_threshold: float = 0.5  # a preemptive reply may start from here
+    start_threshold: float = 0.2  # p(complete) needed at min_silence_ms ...
+    end_threshold: float = 0.05  # ... falling to this at max_silence_ms
+    # A preemptive reply starts at the first check whose p reaches this. 0: at every VAD end of
+    # segment, since the accelerator idles while the user is silent; raise it to save power.
+    tentative_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_silence_ms <= self.max_silence_ms:

@@ -354,7 +354,10 @@ class TurnDetector:
             return [self._end("timeout", self._last_decision)]
         if self._next_check is None or self.position < self._next_check:
             return []
-        self._next_check = self.position + self._cadence
+        # Re-check every check_every_ms, and exactly when the silence reaches the hard minimum (the
+        # first moment a commit is allowed), whichever comes first.
+        at_min = self._voiced_end + round(self.policy.min_silence_ms * SAMPLE_RATE / 1000)
+        self._next_check = self.position + self._cadence if self.position >= at_min else min(self.position + self._cadence, at_min)
         t0 = time.perf_counter()
         decision = self._last_decision = self.model.decide(self.history.slice(self._turn_start, self.position))
         threshold = self.policy.threshold(silence_ms)
