@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="where the real-size decoder ONNX is kept between runs")
     p.add_argument("--frames", type=int, default=240, help="reply length in frames (<= 375; 12.5 per second)")
     p.add_argument("--schedule", action="append",
-                   help="official, low_latency or sizes such as 12,24,48 (repeatable; default official and low_latency)")
+                   help="official, low_latency, fast_start or sizes such as 12,24,48 (repeatable; default the three named)")
     p.add_argument("--left-context", type=int, action="append", default=[],
                    help="also run each schedule with this many frames of left context (repeatable)")
     p.add_argument("--window", choices=("hamming", "complementary"), default="hamming")
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = decode_whole(session, codes)
     whole_ms = (time.perf_counter() - t0) * 1e3
 
-    schedules = [ChunkSchedule.parse(s) for s in (args.schedule or ["official", "low_latency"])]
+    schedules = [ChunkSchedule.parse(s) for s in (args.schedule or ["official", "low_latency", "fast_start"])]
     interleave = Interleave()
     rows = [bench_schedule(session, codes, reference, s, ctx, args.window, interleave)
             for s in schedules for ctx in [None, *args.left_context]]

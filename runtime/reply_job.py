@@ -4,6 +4,10 @@ A preemptive reply starts on a tentative end of turn, before the turn is committ
 prefill and decoding run at once, but every audio chunk is held back until `release()` (the commit).
 If the user speaks again first, `discard()` cancels it; nothing was played, and since the loop asks
 with commit=False, nothing entered the history. A reply started at the commit is released at birth.
+
+`start_delay_s` postpones playback after the first chunk (computed by the loop from the measured
+step rate) so that a reply generated near real time never runs dry; the sink plays silence first,
+which delays the start exactly as a held chunk would, without stalling the generating thread.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from .conversation import Conversation, Reply
 
 class ReplyJob:
     def __init__(self, conv: Conversation, audio: np.ndarray, sink: AudioSink, *, released: bool,
-                 input_clock: Callable[[], float]):
+                 input_clock: Callable[[], float], start_delay_s: float = 0.0):
         self.conv, self.audio, self.sink = conv, audio, sink
         self.input_clock = input_clock  # seconds of input read so far: when the first sample played
+        self.start_delay_s = start_delay_s
         self.cancel = threading.Event()
         self.released = released
         self._lock = threading.Lock()  # orders held chunks before later ones at release
@@ -42,8 +47,12 @@ class ReplyJob:
 
     def _play(self, chunk: np.ndarray) -> None:
         if self.first_played is None:
-            self.first_played = time.perf_counter()
-            self.first_played_input_s = self.input_clock()
+            delay = self.start_delay_s
+            self.first_played = time.perf_counter() + delay
+            self.first_played_input_s = self.input_clock() + delay
+            if delay > 0:
+                self.sink.write(np.zeros(round(delay * self.sink.rate), dtype=np.float32))
+                self.played_before += delay  # the lead-in silence is not part of the reply
         self.sink.write(chunk)
 
     def _on_chunk(self, chunk: np.ndarray) -> None:

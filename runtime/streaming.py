@@ -94,18 +94,27 @@ class ChunkSchedule:
         return cls("low_latency", (8, 8, 12, 16, 24, 36, 48))
 
     @classmethod
+    def fast_start(cls) -> ChunkSchedule:
+        """First audio after 4 frames: 16 decode steps (`Interleave`), 120 ms of sound in chunk 0.
+
+        Gapless only far above real time (`required_speedup`); on a slower device the loop delays the
+        start of playback from the measured step rate (`playback_start_delay_s`) instead.
+        """
+        return cls("fast_start", (4, 8, 12, 16, 24, 36, 48))
+
+    @classmethod
     def custom(cls, sizes: list[int] | tuple[int, ...], name: str = "custom") -> ChunkSchedule:
         return cls(name, tuple(int(s) for s in sizes))
 
     @classmethod
     def parse(cls, text: str) -> ChunkSchedule:
-        """`official`, `low_latency`, or comma-separated sizes such as `12,24,48`."""
-        if text in ("official", "low_latency"):
+        """`official`, `low_latency`, `fast_start`, or comma-separated sizes such as `12,24,48`."""
+        if text in ("official", "low_latency", "fast_start"):
             return getattr(cls, text)()
         try:
             return cls.custom([int(s) for s in text.split(",")], name=text)
         except ValueError:
-            raise ValueError(f"schedule {text!r}: use official, low_latency or comma-separated frame counts") from None
+            raise ValueError(f"schedule {text!r}: use official, low_latency, fast_start or comma-separated frame counts") from None
 
 
 @dataclass(frozen=True)
@@ -304,6 +313,16 @@ def required_speedup(schedule: ChunkSchedule, frames: int, samples_per_frame: in
     arrive at a constant rate, the 7 delay steps shift every chunk alike), and must be ready before
     the audio emitted so far has played out.
     """
+    ready, emitted = _chunk_plan(schedule, frames, samples_per_frame, crossfade)
+    need = 0.0
+    for i in range(1, len(ready)):
+        played = emitted[i - 1] / samples_per_frame  # in frames of audio
+        need = max(need, (ready[i] - ready[0]) / played)
+    return need
+
+
+def _chunk_plan(schedule: ChunkSchedule, frames: int, samples_per_frame: int, crossfade: int) -> tuple[list[int], list[int]]:
+    """For each chunk of a `frames`-frame reply: completed frames when it is ready, samples emitted by then."""
     ready, emitted = [], []
     done, index = 0, 0
     while frames - done >= schedule.size(index):
@@ -314,11 +333,20 @@ def required_speedup(schedule: ChunkSchedule, frames: int, samples_per_frame: in
     if done < frames or not ready:
         ready.append(frames)
         emitted.append(frames * samples_per_frame)
-    need = 0.0
-    for i in range(1, len(ready)):
-        played = emitted[i - 1] / samples_per_frame  # in frames of audio
-        need = max(need, (ready[i] - ready[0]) / played)
-    return need
+    return ready, emitted
+
+
+def playback_start_delay_s(schedule: ChunkSchedule, frames: int, speed: float,
+                           samples_per_frame: int = SAMPLES_PER_FRAME, crossfade: int = CROSSFADE) -> float:
+    """How long after chunk 0 is ready playback must start so that a reply of up to `frames` frames,
+    generated at `speed` x real time, never runs dry: chunk i, ready (ready[i] - ready[0]) / speed
+    frame-times after chunk 0, must come before the audio emitted up to chunk i-1 has played."""
+    if speed <= 0:
+        raise ValueError(f"generation speed must be > 0, got {speed}")
+    ready, emitted = _chunk_plan(schedule, frames, samples_per_frame, crossfade)
+    frame_s = samples_per_frame / 32000
+    late = max((ready[i] - ready[0]) / speed * frame_s - emitted[i - 1] / 32000 for i in range(1, len(ready))) if len(ready) > 1 else 0.0
+    return max(0.0, late)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--voice", help="agent voice name in the bundle")
     p.add_argument("--role", help="role description (role-play)")
     p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--schedule", default="official", help="audio chunk schedule: official, low_latency or 8,16,32")
+    p.add_argument("--schedule", default="official", help="audio chunk schedule: official, low_latency, fast_start (first audio after 4 frames) or 8,16,32")
     p.add_argument("--num-history", type=int, default=4, help="turns of history kept (the web demo keeps 4)")
     p.add_argument("--log", type=Path, help="JSONL file with one line of timings per turn")
     p.add_argument("--engines", type=Path, help="run the TensorRT plans of this engine set (from `qinyu-edge build`)")

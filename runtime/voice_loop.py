@@ -31,6 +31,7 @@ from qinyu_edge.errors import ConfigError
 from .audio_devices import AudioDeviceLost, AudioSink, AudioSource
 from .conversation import Conversation
 from .reply_job import ReplyJob
+from .streaming import SAMPLES_PER_FRAME, Interleave, playback_start_delay_s
 from .turn import TurnDetector, TurnEnd, TurnTentative
 from .vad import SpeechEnd, SpeechStart
 
@@ -54,6 +55,9 @@ class LoopConfig:
     barge_in_min_ms: int = 300  # user speech this long during a reply interrupts it
     # Start generating on a tentative end of turn, playing only once the turn commits.
     preemptive: bool = True
+    # Delay the start of playback from the measured decode step rate so the reply never runs dry
+    # (the first reply, before any measurement, starts at once).
+    paced_start: bool = True
     drain_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
@@ -110,6 +114,8 @@ class TurnRecord:
     reply_audio_seconds: float = 0.0
     steps: int = 0
     ms_per_step: float = 0.0
+    playback_delay_ms: float = 0.0  # playback start held back after the first chunk (paced start)
+    underruns: int = 0  # playback ran dry mid-reply
     stop: str = ""
     barge_in: bool = False
     preemptive: bool = False  # generation started on a tentative end, before the commit
@@ -133,6 +139,7 @@ class _Turn:
     job: ReplyJob
     record: TurnRecord
     t_voiced_end: float  # wall clock of the end of the user's voice
+    underruns_before: int  # the sink's underrun count when the reply began
 
 
 class VoiceLoop:
@@ -151,6 +158,7 @@ class VoiceLoop:
         self.level = 0.0  # RMS of the latest microphone block, for a level meter
         self._input_samples = 0  # samples read from the source so far: the input clock
         self._input_offset = 0  # input samples before the detector's stream position 0 (it is reset)
+        self._ms_per_step: float | None = None  # measured on the previous reply
         self._t0 = time.perf_counter()
         self._stop = threading.Event()
         self._cut_on_stop = False
@@ -185,8 +193,18 @@ class VoiceLoop:
 
     # -- replies ------------------------------------------------------------------------------
 
+    def _start_delay_s(self) -> float:
+        if not self.config.paced_start or not self._ms_per_step:
+            return 0.0
+        # Trained pattern: 4 text steps per 8 audio steps, so 1.5 steps per frame of 80 ms.
+        il = Interleave()
+        speed = (SAMPLES_PER_FRAME / 32) / (self._ms_per_step * (il.text + il.audio) / il.audio)
+        # The longest reply it may be: every step an audio step.
+        return playback_start_delay_s(self.conv.schedule, self.conv.max_new_tokens, speed)
+
     def _new_job(self, audio: np.ndarray, released: bool) -> ReplyJob:
-        return ReplyJob(self.conv, audio, self.sink, released=released, input_clock=lambda: self._input_samples / 16000).start()
+        return ReplyJob(self.conv, audio, self.sink, released=released, input_clock=lambda: self._input_samples / 16000,
+                        start_delay_s=self._start_delay_s()).start()
 
     def _preempt_reply(self, ev: TurnTentative) -> None:
         log.debug("tentative end of turn at %.2f s: preemptive reply started", self._input_s(ev.sample))
@@ -218,7 +236,8 @@ class VoiceLoop:
             job = self._new_job(end.audio, released=True)
         else:
             job.release()
-        self._turn = _Turn(job, record, t_voiced_end)
+        record.playback_delay_ms = job.start_delay_s * 1e3
+        self._turn = _Turn(job, record, t_voiced_end, self.sink.stats.underruns)
         self._go(State.RESPONDING, f"end of turn ({end.reason})")
 
     def _since(self, wall: float | None) -> float | None:
@@ -240,6 +259,8 @@ class VoiceLoop:
             rec.first_chunk_ms = self._since(turn.job.started + t.first_audio_ms / 1e3)
         rec.generation_end_ms = self._since(time.perf_counter())
         rec.steps, rec.ms_per_step, rec.stop = t.steps, t.ms_per_step, reply.stop
+        if t.steps >= 8:  # a step rate worth pacing the next reply by
+            self._ms_per_step = t.ms_per_step
         rec.reply_audio_seconds = t.audio_seconds
 
     def _commit(self, barge_in: bool, cut: bool = False) -> None:
@@ -251,6 +272,7 @@ class VoiceLoop:
         rec.first_played_ms = self._since(job.first_played)
         rec.input_first_audio_s = job.first_played_input_s
         rec.reply_end_ms = self._since(time.perf_counter())
+        rec.underruns = self.sink.stats.underruns - turn.underruns_before
         self._turn = None
         rec.barge_in = barge_in
         if barge_in or cut:

@@ -20,6 +20,7 @@ from qinyu_edge.runtime.streaming import (
     StreamingDecoder,
     crossfade_weights,
     decode_whole,
+    playback_start_delay_s,
     required_speedup,
     schedule_snr,
     snr_db,
@@ -246,6 +247,7 @@ def test_schedules():
     assert low.sizes[0] < 20 and list(low.sizes) == sorted(low.sizes) and low.size(99) == 48
     assert ChunkSchedule.parse("12,24,48").sizes == (12, 24, 48)
     assert ChunkSchedule.parse("official") == ChunkSchedule.official()
+    assert ChunkSchedule.parse("fast_start") == ChunkSchedule.fast_start()
     for bad in ("", "4,x", "0,8"):
         with pytest.raises(ValueError):
             ChunkSchedule.parse(bad)
@@ -260,11 +262,13 @@ def test_decode_steps_to_first_audio():
         assert il.steps_until_audio_step(n) == position_of_audio[n - 1]
     assert il.steps_until_frames(20) == 40  # official first chunk: model-spec 4, "about 40 decode steps"
     assert il.steps_until_frames(ChunkSchedule.low_latency().sizes[0]) == 20
+    assert il.steps_until_frames(ChunkSchedule.fast_start().sizes[0]) == 16  # issue 11: first audio <= 16 steps
     assert il.steps_until_audio_step(27, text_tokens=3) == 27 + 3
 
 
-def gap_free(schedule: ChunkSchedule, frames: int, speed: float) -> bool:
-    """Simulate playback: frames arrive `speed` per frame-time, chunks are emitted when complete."""
+def gap_free(schedule: ChunkSchedule, frames: int, speed: float, delay_frames: float = 0.0) -> bool:
+    """Simulate playback: frames arrive `speed` per frame-time, chunks are emitted when complete,
+    playback starts `delay_frames` frame-times after chunk 0."""
     dec_ready, emitted, done, i = [], [], 0, 0
     while frames - done >= schedule.size(i):
         done += schedule.size(i)
@@ -273,7 +277,7 @@ def gap_free(schedule: ChunkSchedule, frames: int, speed: float) -> bool:
         i += 1
     dec_ready.append(frames / speed)
     emitted.append((frames - done) * SPF + (CF if i else 0))
-    clock = dec_ready[0]  # playback starts with chunk 0; clock = when the queue runs dry
+    clock = dec_ready[0] + delay_frames  # playback starts after chunk 0; clock = when the queue runs dry
     for ready, n in zip(dec_ready, emitted):
         if ready > clock + 1e-9:
             return False
@@ -352,3 +356,20 @@ def test_bench_real_size_random_weights(tmp_path, capsys):
     assert main(["--real-size", "--real-size-dir", str(tmp_path), "--frames", "60"]) == 0
     out = capsys.readouterr().out
     assert "official" in out and "low_latency" in out
+
+
+@pytest.mark.parametrize("schedule", [ChunkSchedule.fast_start(), ChunkSchedule.official()])
+@pytest.mark.parametrize("speed", [0.8, 1.0, 1.2, 3.0])
+def test_playback_start_delay_is_just_enough(schedule, speed):
+    """Delayed by `playback_start_delay_s`, playback of any reply up to the horizon never runs dry; a
+    frame-time less and the longest one does (where a delay is needed at all)."""
+    horizon = 300
+    delay = playback_start_delay_s(schedule, horizon, speed) / (SPF / 32000)  # in frame-times
+    for frames in (20, 100, horizon):
+        assert gap_free(schedule, frames, speed, delay + 1e-6)
+    needs = required_speedup(schedule, horizon) > speed
+    assert (delay > 0) == needs
+    if needs:
+        assert not gap_free(schedule, horizon, speed, delay - 1)
+    with pytest.raises(ValueError, match="speed"):
+        playback_start_delay_s(schedule, horizon, 0.0)

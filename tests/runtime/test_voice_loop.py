@@ -15,6 +15,7 @@ from qinyu_edge.runtime.audio_devices import AudioDeviceConfig, DeviceSink, Devi
 from qinyu_edge.runtime.audio_io import write_wav
 from qinyu_edge.runtime.conversation import Conversation
 from qinyu_edge.runtime.engine import Engine
+from qinyu_edge.runtime.streaming import ChunkSchedule
 from qinyu_edge.runtime.turn import TurnConfig, TurnDetector
 from qinyu_edge.runtime.vad import VadConfig
 from qinyu_edge.runtime.voice_loop import BargeIn, LoopConfig, ReplyDiscarded, State, StateChanged, TurnRecord, VoiceLoop
@@ -133,6 +134,35 @@ def test_without_preemption_the_reply_starts_at_the_commit(tmp_path, engine, voi
                      FileSink(tmp_path / "speaker.wav", speed=SPEED), detector, LoopConfig(preemptive=False))
     (rec,) = loop.run()
     assert not rec.preemptive and rec.first_chunk_ms > rec.turn_decision_ms
+
+
+def test_paced_start_keeps_a_slow_reply_from_running_dry(tmp_path, engine, voice, monkeypatch):
+    """Decode steps slowed to 60 ms (0.9x real time: a frame of 80 ms takes 1.5 steps) and the
+    4-frame first chunk: the first reply, played at its first chunk, runs dry; the second, delayed
+    by what the first reply's step rate predicts, plays through without an underrun."""
+    real = engine.generator.generate
+
+    def slow(*args, on_text, on_audio, **kwargs):
+        def text(token):
+            time.sleep(0.06)
+            on_text(token)
+
+        def audio(row):
+            time.sleep(0.06)
+            on_audio(row)
+
+        return real(*args, on_text=text, on_audio=audio, **kwargs)
+
+    monkeypatch.setattr(engine.generator, "generate", slow)
+    wav = tmp_path / "mic.wav"
+    write_wav(wav, np.concatenate([silence(0.5), voice["question"], silence(5.0), voice["follow"]]), SR)
+    conv = Conversation(engine, max_new_tokens=40, schedule=ChunkSchedule.fast_start())
+    detector = TurnDetector(VadConfig(), TurnConfig(kind="silence", silence_timeout_ms=500))
+    loop = VoiceLoop(conv, FileSource(wav, tail_silence_s=4.0), FileSink(tmp_path / "speaker.wav"), detector)
+    first, second = loop.run()
+    assert first.playback_delay_ms == 0 and first.underruns > 0
+    assert second.playback_delay_ms > 0 and second.underruns == 0
+    assert second.first_played_ms >= second.first_chunk_ms + second.playback_delay_ms - 50
 
 
 def test_a_user_who_talks_over_every_reply(tmp_path, engine, voice):
