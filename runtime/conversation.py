@@ -2,7 +2,9 @@
 
 Keeps what the next prompt needs: the turns (assistant replies as text only, as upstream), each
 clip's projected encoder output (exact to cache: the encoder sees only its own clip) and its CAM++
-vector. Every turn re-prefills the whole prompt, as the official code does.
+vector. The official code re-prefills the whole prompt every turn; with `reuse_cache` only what
+differs from the cached prompt runs (greedy tokens equal), and `prefill_ahead` puts the next
+prompt's known start (the reply as text) into the cache while the reply is still playing.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class Timings:
     speaker_ms: float = 0.0
     prompt_ms: float = 0.0
     prefill_ms: float = 0.0
+    prefill_positions: int = 0  # the prompt's length
+    reused_positions: int = 0  # of them, kept from the cache (not run)
     steps: int = 0
     ms_per_step: float = 0.0
     host_ms_per_step: float = 0.0  # step time outside the sessions and the streaming decode
@@ -80,7 +84,8 @@ class Conversation:
     def __init__(self, engine: Engine, mode: Mode | str = Mode.CONVERSATION, voice: str | np.ndarray | None = None,
                  role_description: str | None = None, num_history: int | None = None,
                  reply_reserve: int | None = None, max_new_tokens: int | None = None,
-                 sampling: SamplingConfig | None = None, schedule: ChunkSchedule | None = None):
+                 sampling: SamplingConfig | None = None, schedule: ChunkSchedule | None = None,
+                 reuse_cache: bool = True):
         self.engine = engine
         self.mode = Mode(mode)
         cfg = engine.config
@@ -91,6 +96,7 @@ class Conversation:
         self.num_history = num_history
         self.sampling = sampling
         self.schedule = schedule or ChunkSchedule.official()
+        self.reuse_cache = reuse_cache
         uses_voice = self.mode in (Mode.CONVERSATION, Mode.ROLEPLAY)
         self.agent = engine.voice(voice if voice is not None else cfg.default_speaker) if uses_voice else None
         self.history: list[Turn] = []
@@ -172,7 +178,10 @@ class Conversation:
                 on_text(eng.tokenizer.decode([token], skip_special_tokens=True))
 
         result: GenerationResult = eng.generator.generate(
-            emb, self.max_new_tokens, on_text=on_token, on_audio=on_audio, cancel=cancel, sampling=self.sampling)
+            emb, self.max_new_tokens, on_text=on_token, on_audio=on_audio, cancel=cancel, sampling=self.sampling,
+            reuse=self.reuse_cache)
+        timings.prefill_positions = eng.generator.last_prefill.positions
+        timings.reused_positions = eng.generator.last_prefill.reused
         if result.stop != "cancelled":
             emit(streamer.flush())
         reply_str = reply_text(eng.tokenizer, result.text_tokens)
@@ -199,6 +208,26 @@ class Conversation:
         played_frames = played_seconds * SAMPLE_RATE_OUT / self.engine.config.xy.samples_per_frame
         kept = [t for t, f in zip(reply.text_tokens, reply.text_frames) if f <= played_frames]
         return reply_text(self.engine.tokenizer, kept)
+
+    def prefill_ahead(self, reply: Reply) -> None:
+        """Idle time: prefill the start of the next prompt, as it will be if `reply` is committed whole
+        (its text-only form, then the next user turn's opening), so the next turn runs only its new
+        user audio. If the history turns out otherwise (a barge-in keeps part of the reply, the window
+        drops a turn), the next prefill keeps only the prefix that still matches."""
+        if reply.clips is self.clips:
+            raise ValueError("prefill_ahead takes a reply that is not committed yet: ask(..., commit=False), "
+                             "prefill_ahead(reply), then commit_turn(reply)")
+        if not self.reuse_cache:
+            return
+        eng = self.engine
+        history = [*self.history, reply.user, Turn.reply(reply.text)]
+        # Any next user turn will do: the prompt is only kept up to where that turn's content starts.
+        prompt = self.builder.build(self.mode, history, Turn.question("."), [c.embeds.shape[0] for c in reply.clips],
+                                    role_description=self.role_description, reply_reserve=self.reply_reserve,
+                                    num_history=self.num_history)
+        emb = eng.prompt_embeds(prompt.ids, prompt.audio_slots, [reply.clips[i].embeds for i in prompt.clip_indices],
+                                prompt.speaker_slots, self._speakers(prompt, reply.clips))
+        eng.generator.prefill(emb, reuse=True)
 
     def commit_turn(self, reply: Reply, spoken_text: str | None = None) -> None:
         """Add the user turn and the reply (or only the part that was played) to the history."""

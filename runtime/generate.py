@@ -45,6 +45,17 @@ class StepTimes:
         return [t - s - c for t, s, c in zip(self.step_ms, self.session_ms, self.callback_ms)]
 
 
+@dataclass(frozen=True)
+class PrefillStats:
+    positions: int  # the prompt's length
+    reused: int  # leading positions kept from the cache (the rest ran)
+    ms: float
+
+    @property
+    def ran(self) -> int:
+        return self.positions - self.reused
+
+
 @dataclass
 class GenerationResult:
     tokens: list[int]  # the head-0 choice of every step (text, special or codebook-0 id)
@@ -92,6 +103,11 @@ class Generator:
         self._choice = np.zeros((1, layout.n_codebooks), np.int64)
         self._history = np.full((1, PENALTY_WINDOW), -1, np.int64)
         self._book_starts = np.array([layout.book_start(k) for k in range(layout.n_codebooks)], np.int64)
+        # The prompt rows at cache positions [0, len): what a reusing prefill compares against.
+        self._rows = np.zeros((0, hidden_size), np.float32)
+        self.last_prefill = PrefillStats(0, 0, 0.0)
+        # One user of the cache at a time: a reply, or the idle-time prefill of the next prompt's start.
+        self.lock = threading.Lock()
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """ids [1, S, K] -> [1, S, H]."""
@@ -120,12 +136,36 @@ class Generator:
             self.cache.advance(n)
         self._chosen = self.fused is not None
 
-    def prefill(self, embeds: np.ndarray) -> float:
-        """Run the whole prompt from an empty cache; returns milliseconds."""
+    def prefill(self, embeds: np.ndarray, reuse: bool = False) -> float:
+        """Run the prompt [1, S, H] into the cache; returns milliseconds. With `reuse`, the leading rows
+        already in the cache (the previous prefill's, compared exactly) are kept and only the rest run;
+        at least the last row always runs, its hidden state starts decoding. `last_prefill` says how
+        many positions ran and how many were kept."""
+        with self.lock:
+            return self._prefill(embeds, reuse)
+
+    def _prefill(self, embeds: np.ndarray, reuse: bool) -> float:
         t0 = time.perf_counter()
-        self.cache.reset()
-        self._forward(np.ascontiguousarray(embeds, np.float32))
-        return (time.perf_counter() - t0) * 1e3
+        embeds = np.ascontiguousarray(embeds, np.float32)
+        keep = self._shared_rows(embeds[0]) if reuse else 0
+        self.cache.rewind(keep) if keep else self.cache.reset()
+        self._forward(embeds[:, keep:])
+        self._rows = embeds[0].copy()
+        ms = (time.perf_counter() - t0) * 1e3
+        self.last_prefill = PrefillStats(embeds.shape[1], keep, ms)
+        return ms
+
+    def _shared_rows(self, rows: np.ndarray) -> int:
+        cached = self._rows
+        n = min(cached.shape[0], rows.shape[0] - 1, self.cache.pos)
+        same = np.all(cached[:n] == rows[:n], axis=1)
+        keep = n if same.all() else int(np.argmin(same))
+        # Diverging where the new user turn starts is the normal case. Earlier means more re-prefill:
+        # the window dropped old turns (the prompt changes right after the system prompt), or a
+        # barge-in kept only part of the reply the idle-time prefill assumed.
+        log.debug("KV reuse: %d of %d prompt positions kept from the cache, %d to run (the cached prompt of %d "
+                  "positions diverges there)", keep, rows.shape[0], rows.shape[0] - keep, cached.shape[0])
+        return keep
 
     def _choose(self, history: deque, sampling: SamplingConfig | None, rng: np.random.Generator | None) -> np.ndarray:
         if sampling is None:
@@ -140,12 +180,18 @@ class Generator:
 
     def generate(self, prompt_embeds: np.ndarray | None, max_new_tokens: int = 1024,
                  on_text: TextCallback | None = None, on_audio: AudioCallback | None = None,
-                 cancel: threading.Event | None = None, sampling: SamplingConfig | None = None) -> GenerationResult:
-        """Prefill `prompt_embeds` [1, S, H] and decode; `None` decodes on from the cache and the last
-        hidden state as they stand (e.g. to time steps at a chosen past length)."""
+                 cancel: threading.Event | None = None, sampling: SamplingConfig | None = None,
+                 reuse: bool = False) -> GenerationResult:
+        """Prefill `prompt_embeds` [1, S, H] (keeping the cached prefix it shares, with `reuse`) and
+        decode; `None` decodes on from the cache and the last hidden state as they stand (e.g. to time
+        steps at a chosen past length)."""
+        with self.lock:
+            return self._generate(prompt_embeds, max_new_tokens, on_text, on_audio, cancel, sampling, reuse)
+
+    def _generate(self, prompt_embeds, max_new_tokens, on_text, on_audio, cancel, sampling, reuse) -> GenerationResult:
         lay = self.layout
         prompt_length = self.cache.pos if prompt_embeds is None else prompt_embeds.shape[1]
-        times = StepTimes(prefill_ms=0.0 if prompt_embeds is None else self.prefill(prompt_embeds))
+        times = StepTimes(prefill_ms=0.0 if prompt_embeds is None else self._prefill(prompt_embeds, reuse))
         rng = np.random.default_rng(sampling.seed) if sampling else None
         history: deque[int] = deque(maxlen=PENALTY_WINDOW)
         tokens: list[int] = []

@@ -67,6 +67,9 @@ class ReplyJob:
     def _run(self) -> None:
         try:
             self.reply = self.conv.ask(self.audio, on_chunk=self._on_chunk, cancel=self.cancel, commit=False)
+            if not self.cancel.is_set():
+                # While the reply plays: the next prompt's start (this reply as text) into the cache.
+                self.conv.prefill_ahead(self.reply)
         except BaseException as e:  # noqa: BLE001 - re-raised by the loop thread in join()
             self.error = e
 

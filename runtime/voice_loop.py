@@ -106,6 +106,8 @@ class TurnRecord:
     turn_decision_ms: float = 0.0  # the turn committed
     encoder_ms: float | None = None
     prefill_ms: float | None = None
+    prefill_positions: int = 0  # the prompt's length
+    reused_positions: int = 0  # of them, kept from the cache rather than run
     first_chunk_ms: float | None = None
     first_played_ms: float | None = None
     generation_end_ms: float | None = None
@@ -255,6 +257,7 @@ class VoiceLoop:
             raise
         rec, t = turn.record, reply.timings
         rec.encoder_ms, rec.prefill_ms = t.encoder_ms, t.prefill_ms
+        rec.prefill_positions, rec.reused_positions = t.prefill_positions, t.reused_positions
         if t.first_audio_ms is not None:
             rec.first_chunk_ms = self._since(turn.job.started + t.first_audio_ms / 1e3)
         rec.generation_end_ms = self._since(time.perf_counter())
