@@ -2,7 +2,8 @@
 missed turns, turn-end delay and time to first audio.
 
     python -m qinyu_edge.device.bench_turns                    # policy sweep, then the live runs
-    python -m qinyu_edge.device.bench_turns --sweep-only       # only the offline endpointing sweep
+    python -m qinyu_edge.device.bench_turns --sweep-only       # prefill growth and the endpointing sweep
+    python -m qinyu_edge.device.bench_turns --prefill-only     # prefill over 20 turns, with and without KV reuse
     python -m qinyu_edge.device.bench_turns --bundle B --cases en_pauses,barge_in
 
 The conversations are rendered by espeak-ng (English and Mandarin, several voices and speeds) with
@@ -278,11 +279,45 @@ def live(cases: dict[str, tuple[np.ndarray, list[Truth]]], case_defs: dict[str, 
                         first_audio=True))
 
 
+PREFILL_TURNS = ("What is the weather like today?", "Tell me a short story.", "Why is the sky blue?",
+                 "How far away is the moon?", "Thank you, that helps.")
+
+
+def prefill_growth(bundle: Path | None, directory: Path, console: Console, turns: int = 20, steps: int = 24) -> None:
+    """A scripted spoken conversation of `turns` turns, with and without cross-turn KV reuse (and the
+    idle-time prefill of each reply's text form, as the voice loop runs it): prompt positions, positions
+    actually run, and prefill ms at turns 2, 10 and 20."""
+    from qinyu_edge.export.bundle_export import preset_bundle
+    from qinyu_edge.runtime.conversation import Conversation
+    from qinyu_edge.runtime.engine import Engine
+
+    engine = Engine(bundle or preset_bundle("tiny-8b"))
+    clips = [_say(Say(t, ("en-us", "en-gb")[i % 2]), directory) for i, t in enumerate(PREFILL_TURNS)]
+    t = Table(title=f"prefill over a {turns}-turn spoken conversation ({bundle or 'tiny-8b'}, replies of {steps} steps)")
+    for c in ("window", "reuse", "turn", "prompt positions", "positions run", "prefill ms"):
+        t.add_column(c, justify="right")
+    for num_history in (None, 4):
+        for reuse in (False, True):
+            conv = Conversation(engine, max_new_tokens=steps, reuse_cache=reuse, num_history=num_history)
+            for i in range(turns):
+                reply = conv.ask(clips[i % len(clips)], commit=False)
+                conv.prefill_ahead(reply)
+                conv.commit_turn(reply)
+                if i + 1 in (2, 10, 20):
+                    tm = reply.timings
+                    t.add_row("all turns" if num_history is None else f"{num_history} turns", "yes" if reuse else "no",
+                              str(i + 1), str(tm.prefill_positions), str(tm.prefill_positions - tm.reused_positions),
+                              f"{tm.prefill_ms:.1f}")
+    t.caption = "window: history kept in the prompt (chat's --num-history); a dropped turn changes the prompt after the system prompt"
+    console.print(t)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m qinyu_edge.device.bench_turns", description=__doc__.split("\n")[0])
     p.add_argument("--bundle", type=Path, help="model bundle for the live runs (default: the tiny-8b preset)")
     p.add_argument("--cases", help=f"comma-separated subset of: {', '.join(c.name for c in CASES)}")
     p.add_argument("--sweep-only", action="store_true", help="only the detector sweep, no live runs")
+    p.add_argument("--prefill-only", action="store_true", help="only the 20-turn prefill comparison")
     p.add_argument("--keep", type=Path, help="keep the case WAVs and JSONL logs in this folder")
     p.add_argument("--demo-args", default="", help="extra `qinyu-edge demo` flags for the live runs, e.g. '--turn silence'")
     args = p.parse_args(argv)
@@ -298,9 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="qinyu-turns-") as tmp:
         directory = args.keep or Path(tmp)
         directory.mkdir(parents=True, exist_ok=True)
+        prefill_growth(args.bundle, directory, console)
+        if args.prefill_only:
+            return 0
         cases = {n: render(defs[n], directory) for n in names}
-        for n, (audio, truth) in cases.items():
-            log.info("%s: %.1f s, %d turns", n, audio.size / SR, len(truth))
         sweep(cases, console)
         if not args.sweep_only:
             model = ["--bundle", str(args.bundle)] if args.bundle else []
