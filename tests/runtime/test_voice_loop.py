@@ -180,6 +180,15 @@ def test_a_user_who_talks_over_every_reply(tmp_path, engine, voice):
         assert said.text == rec.reply_text
 
 
+def test_a_turn_longer_than_30_seconds(tmp_path, engine, voice):
+    """35 s of speech without a pause long enough to end the turn: one clip, encoded whole, answered."""
+    speech = np.concatenate([voice["question"], silence(0.25)] * 16)[: 35 * SR]
+    loop, conv = session(tmp_path, engine, [silence(0.5), speech], realtime=False, max_new_tokens=8)
+    (rec,) = loop.run()
+    assert rec.user_seconds > 34 and rec.steps > 0
+    assert conv.clips[0].seconds > 34 and conv.clips[0].embeds.shape[0] > 500
+
+
 def test_barge_in_cuts_playback_and_keeps_only_what_was_played(tmp_path, engine, voice):
     # A long reply (300 steps, ~15 s of speech); the user speaks again 2.5 s after the end of turn.
     parts = [silence(0.5), voice["question"], silence(2.5), voice["follow"]]
