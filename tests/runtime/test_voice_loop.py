@@ -249,3 +249,19 @@ def test_portaudio_loop_on_a_virtual_sound_card(sound_card, tmp_path, engine, vo
     assert len(turns) == 1 and turns[0].reply_audio_seconds > 0
     heard = np.fromfile(raw, dtype="<f4")
     assert heard.size > 0 and float(np.abs(heard).max()) > 1e-3  # the reply came out of the speaker
+
+
+def test_demo_on_a_given_bundle_and_any_input_format(tmp_path, speech_files, capsys):
+    """`demo --bundle B --input` a 44.1 kHz stereo file; each --log line carries the input clock."""
+    import json
+
+    from qinyu_edge.cli import main
+    from qinyu_edge.export.bundle_export import preset_bundle
+
+    log = tmp_path / "turns.jsonl"
+    rc = main(["demo", "--bundle", str(preset_bundle("tiny-4b")), "--input", str(speech_files["stereo44k"]), "--fast",
+               "--output", str(tmp_path / "reply.wav"), "--log", str(log), "--max-new-tokens", "8"])
+    assert rc == 0 and "tiny-4b" in capsys.readouterr().out
+    (line,) = [json.loads(x) for x in log.read_text().splitlines()]
+    assert 0 < line["input_speech_start_s"] < line["input_speech_end_s"] < line["input_commit_s"] <= line["input_first_audio_s"]
+    assert line["prefill_positions"] > 0 and line["underruns"] >= 0
