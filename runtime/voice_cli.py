@@ -31,8 +31,8 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
                    help="--turn smart_turn: silence after the last voiced frame before any end of turn (hard minimum)")
     p.add_argument("--max-silence-ms", type=int, default=policy.max_silence_ms,
                    help="--turn smart_turn: silence that ends the turn whatever Smart Turn says (fallback)")
-    p.add_argument("--preemptive", action=argparse.BooleanOptionalAction, default=True,
-                   help="start the reply on a tentative end of turn, playing it only once the turn commits")
+    p.add_argument("--preemptive", choices=["on", "off"], default="on",
+                   help="on: start the reply on a tentative end of turn, playing it only once the turn commits")
     p.add_argument("--vad", choices=["default", "official_web"], default="default", help="VAD preset")
     p.add_argument("--duplex", choices=["half", "full"], default="half",
                    help="half: ignore the mic while speaking (open speakers); full: headset, barge-in on")
@@ -65,7 +65,7 @@ def _build(args: argparse.Namespace, bundle: Path, source, sink, on_event):
                         num_history=args.num_history, max_new_tokens=args.max_new_tokens, schedule=schedule)
     policy = EndpointPolicy(min_silence_ms=args.min_silence_ms, max_silence_ms=args.max_silence_ms)
     detector = TurnDetector(VadConfig.preset(args.vad), TurnConfig(kind=args.turn, silence_timeout_ms=args.silence_ms, endpoint=policy))
-    cfg = LoopConfig(duplex=args.duplex, barge_in_min_ms=args.barge_in_ms, preemptive=args.preemptive)
+    cfg = LoopConfig(duplex=args.duplex, barge_in_min_ms=args.barge_in_ms, preemptive=args.preemptive == "on")
     return VoiceLoop(conv, source, sink, detector, cfg, on_event=on_event)
 
 
