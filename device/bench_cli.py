@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qinyu_edge.errors import QinyuError
+from qinyu_edge.validate import COUNT, NON_NEGATIVE, real
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -34,8 +35,8 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="ONNX Runtime provider")
     b.add_argument("--portable", action="store_true",
                    help="time the portable graphs even where the bundle has a faster ONNX Runtime CPU variant")
-    b.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")
-    b.add_argument("--context", type=int, default=None, help="KV cache positions (default: the bundle's maximum)")
+    b.add_argument("--threads", type=COUNT, default=None, help="ONNX Runtime intra-op threads (default: its own)")
+    b.add_argument("--context", type=COUNT, default=None, help="KV cache positions (default: the bundle's maximum)")
     b.add_argument("--target", default=None,
                    help="roofline bandwidth from this registry target (`qinyu-edge targets`); default: the GPU found "
                         "here for a GPU provider, else the host's measured copy bandwidth")
@@ -43,8 +44,8 @@ def add_parsers(sub: Any) -> None:
                    help="also time the PyTorch reference on the same weights in this process (needs the export extra)")
     b.add_argument("--torch-device", default=None, help="device for --against torch (default: cuda for a GPU "
                                                         "provider when torch has CUDA, else cpu)")
-    b.add_argument("--runs", type=int, default=30, help="timed runs per component figure")
-    b.add_argument("--warmup", type=int, default=3, help="untimed runs before each component figure")
+    b.add_argument("--runs", type=COUNT, default=30, help="timed runs per component figure")
+    b.add_argument("--warmup", type=NON_NEGATIVE, default=3, help="untimed runs before each component figure")
     b.add_argument("--audio-seconds", type=_floats, default=(1.0, 5.0, 15.0), help="audio lengths, e.g. 1,5,15")
     b.add_argument("--prompt-lengths", type=_ints, default=(32, 128, 512, 2048), help="prefill lengths")
     b.add_argument("--contexts", type=_ints, default=(16, 256, 1024, 2048, 4000), help="decode context lengths")
@@ -53,18 +54,18 @@ def add_parsers(sub: Any) -> None:
                         "12,24,48 (repeatable; default official and low_latency)")
     b.add_argument("--first-chunks", type=_ints, default=(4, 8, 12, 16, 20, 24, 32),
                    help="first-chunk sizes (frames) for the time-to-first-audio sweep")
-    b.add_argument("--e2e-runs", type=int, default=3, help="replies per spoken question")
-    b.add_argument("--ttfa-runs", type=int, default=3, help="replies per first-chunk size")
-    b.add_argument("--max-new-tokens", type=int, default=400, help="step cap of the end-to-end replies")
+    b.add_argument("--e2e-runs", type=COUNT, default=3, help="replies per spoken question")
+    b.add_argument("--ttfa-runs", type=COUNT, default=3, help="replies per first-chunk size")
+    b.add_argument("--max-new-tokens", type=COUNT, default=400, help="step cap of the end-to-end replies")
     b.add_argument("--wav", type=Path, action="append", default=[], help="extra user speech (repeatable)")
-    b.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # debug: Ctrl-C after N figures
+    b.add_argument("--stop-after", type=NON_NEGATIVE, default=None, help=argparse.SUPPRESS)  # debug: Ctrl-C after N figures
     b.set_defaults(func=cmd_bench)
 
     bs = b.add_subparsers(dest="bench_command")
     c = bs.add_parser("compare", help="ratio per figure of two bench JSON files; exit 1 on a regression")
     c.add_argument("a", type=Path, help="baseline bench.json")
     c.add_argument("b", type=Path, help="new bench.json")
-    c.add_argument("--threshold", type=float, default=0.1, help="flag changes for the worse beyond this fraction")
+    c.add_argument("--threshold", type=real(0), default=0.1, help="flag changes for the worse beyond this fraction")
     c.set_defaults(func=cmd_compare)
 
 

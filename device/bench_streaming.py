@@ -43,6 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 from qinyu_edge.bundle import load_bundle
+from qinyu_edge.validate import COUNT, NON_NEGATIVE, whole
 
 log = logging.getLogger(__name__)
 
@@ -104,15 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real-size-dir", type=Path,
                    default=Path(os.environ.get("QINYU_EDGE_CACHE", Path.home() / ".cache" / "qinyu-edge")) / "bench",
                    help="where the real-size decoder ONNX is kept between runs")
-    p.add_argument("--frames", type=int, default=240, help="reply length in frames (<= 375; 12.5 per second)")
+    p.add_argument("--frames", type=whole(1, 375), default=240, help="reply length in frames (<= 375; 12.5 per second)")
     p.add_argument("--schedule", action="append",
                    help="official, low_latency, fast_start or sizes such as 12,24,48 (repeatable; default the three named)")
-    p.add_argument("--left-context", type=int, action="append", default=[],
+    p.add_argument("--left-context", type=NON_NEGATIVE, action="append", default=[],
                    help="also run each schedule with this many frames of left context (repeatable)")
     p.add_argument("--window", choices=("hamming", "complementary"), default="hamming")
     p.add_argument("--provider", default="cpu", choices=("cpu", "cuda", "tensorrt"))
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=COUNT, default=None)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 

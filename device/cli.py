@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from qinyu_edge.errors import ConfigError
+from qinyu_edge.validate import COUNT, real
 
 DEFAULT_CONTEXT = 4096
 
@@ -29,7 +30,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--precision", default="auto",
                    help="backbone weights: fp32, fp16, fp8, int8, fp4 or int4 (weight-only, group 128); auto (default): "
                         "the most accurate precisions that fit the context and decode in real time, with what each costs")
-    p.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="KV cache length in positions")
+    p.add_argument("--context", type=COUNT, default=DEFAULT_CONTEXT, help="KV cache length in positions")
     p.add_argument("--lm-head", default=None, help="lm_head precision (default: fp16 for a quantized backbone)")
     p.add_argument("--embedding", default=None, help="embedding table precision (default: as --lm-head)")
     p.add_argument("--kv-cache", default=None, help="KV cache precision: fp16 (default), fp8, int8 or fp32")
@@ -39,7 +40,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--shared-embedding", action="store_true",
                    help="with --embedding-graph, tied models: gather embedding rows from the lm_head weights instead "
                         "of a second copy")
-    p.add_argument("--margin", type=float, default=0.10, help="safety margin, a fraction of the usable memory")
+    p.add_argument("--margin", type=real(0, 1), default=0.10, help="safety margin, a fraction of the usable memory")
     p.add_argument("--accuracy-from", type=Path, default=None, metavar="QUANTIZED_BUNDLE",
                    help="with --precision auto: the measured accuracy of this quantized bundle's precisions")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")

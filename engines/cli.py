@@ -14,6 +14,7 @@ from typing import Any
 from qinyu_edge.device.targets import PRECISIONS, Target, get_target
 from qinyu_edge.engine_manifest import rebuild_command
 from qinyu_edge.errors import ConfigError
+from qinyu_edge.validate import COUNT, whole
 
 from .plan import HARDWARE_LEVELS, PLAN_FILE, BuildOptions, BuildPlan, default_engine_dir, make_build_plans, write_plans
 
@@ -35,8 +36,8 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--plan-only", action="store_true", help="write the build plans (JSON) and build nothing")
     b.add_argument("--trt-version", default=None,
                    help="plan for this TensorRT version (default: the installed one, else the target's usual one)")
-    b.add_argument("--opt-level", type=int, default=None, help="builder optimization level 0..5")
-    b.add_argument("--workspace-mib", type=int, default=None, help="builder workspace limit in MiB")
+    b.add_argument("--opt-level", type=whole(0, 5), default=None, help="builder optimization level 0..5")
+    b.add_argument("--workspace-mib", type=COUNT, default=None, help="builder workspace limit in MiB")
     b.add_argument("--hardware-compat", choices=list(HARDWARE_LEVELS), default="none",
                    help="hardware-compatible plans (not on Jetson; slower kernels)")
     b.add_argument("--version-compatible", action="store_true",

@@ -49,8 +49,10 @@ def _console() -> Any:
 
 
 def cmd_lint(args: argparse.Namespace) -> int:
-    from .onnx_lint import TRT_FAMILIES, lint_bundle
+    from .onnx_lint import TRT_FAMILIES, known_trt_version, lint_bundle
 
+    for version in args.trt or ():
+        known_trt_version(version)
     report = lint_bundle(args.bundle, args.trt or TRT_FAMILIES, args.component)
     failed = report.errors > 0 or (args.strict and report.warnings > 0)
     if args.json:

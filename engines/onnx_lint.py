@@ -67,6 +67,17 @@ def parse_trt_version(version: str | Sequence[int]) -> Version:
     return v
 
 
+def known_trt_version(version: str) -> Version:
+    """A version `lint` has rules for (the families in TRT_FAMILIES): an unknown one would pass every
+    check it has no rule for, so it is refused rather than reported as fine."""
+    v = parse_trt_version(version)
+    if v not in {parse_trt_version(f) for f in TRT_FAMILIES}:
+        raise ConfigError(f"TensorRT {version} is unknown to this qinyu-edge: its parser rules cover "
+                          f"{', '.join(TRT_FAMILIES)}. Pass one of those to --trt (the nearest older one for a "
+                          "version in between), or upgrade qinyu-edge for newer TensorRT releases.")
+    return v
+
+
 def _v(v: Version) -> str:
     return f"{v[0]}.{v[1]}"
 
@@ -971,6 +982,7 @@ __all__ = [
     "Finding",
     "lint_bundle",
     "lint_model",
+    "known_trt_version",
     "op_support",
     "opset_range",
     "parse_trt_version",

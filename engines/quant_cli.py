@@ -11,6 +11,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from qinyu_edge.validate import COUNT
+
 
 def add_parsers(sub: Any) -> None:
     from .quantize import RECIPES
@@ -34,8 +36,8 @@ def add_parsers(sub: Any) -> None:
                                                     "(default: capture one from the bundle with espeak-ng speech)")
     q.add_argument("--save-calibration", type=Path, help="also write the captured calibration set here")
     q.add_argument("--no-accuracy", action="store_true", help="skip the accuracy report")
-    q.add_argument("--steps", type=int, default=None, help="tokens per reply in the greedy agreement (default 48)")
-    q.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+    q.add_argument("--steps", type=COUNT, default=None, help="tokens per reply in the greedy agreement (default 48)")
+    q.add_argument("--threads", type=COUNT, default=None, help="ONNX Runtime threads")
     q.add_argument("--force", action="store_true", help="replace --out if it exists")
     q.set_defaults(func=cmd_quantize)
 

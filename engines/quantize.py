@@ -55,9 +55,11 @@ from qinyu_edge.bundle import (
     load_bundle,
     write_manifest,
 )
+from qinyu_edge.bundle_paths import inside
 from qinyu_edge.device.targets import PRECISIONS
 from qinyu_edge.errors import QinyuError
 from qinyu_edge.fileio import replace_dir
+from qinyu_edge.staging import staged_dir
 
 from .decode_graphs import DECODE, DERIVED, HEADS, derive as derive_decode
 
@@ -727,9 +729,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         from .calibration import capture
 
         calibration = capture(src.root)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
+    with staged_dir(out, force) as tmp:
         results: dict[str, ComponentResult] = {}
         todo = {name: cr for name, cr in plan.items() if cr.method != "fp32"}
         # A quantized component loses its fp32 ONNX Runtime variant (which may point into the fp32
@@ -740,13 +740,13 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
                     for f in (spec.file, spec.file + ".data")}
         for name in src.files:
             if name not in replaced:
-                shutil.copy2(src.root / name, tmp / name)
+                shutil.copy2(src.file(name), inside(tmp, name, "a bundle file"))
         specs = dict(src.components)
         for i, (name, cr) in enumerate(todo.items()):
             if progress is not None:
                 progress(name, i, len(todo))
             spec = src.components[name]
-            res = quantize_component(src.path(name), tmp / spec.file, spec, cr, calibration)
+            res = quantize_component(src.path(name), inside(tmp, spec.file, "a component file"), spec, cr, calibration)
             results[name] = res
             specs[name] = dataclasses.replace(spec, ort_disabled_optimizers=res.ort_disabled_optimizers)
         if progress is not None:
@@ -766,8 +766,6 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         write_manifest(bundle)
         replace_dir(tmp, out)
         return dataclasses.replace(bundle, root=out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _record(src: Bundle, recipe: Recipe, plan: Mapping[str, ComponentRecipe], results: Mapping[str, ComponentResult],

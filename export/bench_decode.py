@@ -66,6 +66,7 @@ from qinyu_edge.runtime.host_embedding import HostEmbedding
 from qinyu_edge.runtime.kv_cache import NULL_ROWS, KVCache
 from qinyu_edge.runtime.session import Session, open_session
 from qinyu_edge.tokens import TokenLayout
+from qinyu_edge.validate import COUNT, NON_NEGATIVE
 
 log = logging.getLogger(__name__)
 
@@ -708,14 +709,14 @@ def render(result: BenchResult) -> Table:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m qinyu_edge.export.bench_decode", description=__doc__.split("\n")[0])
     p.add_argument("--past", default="64,512,2048", help="comma-separated past lengths")
-    p.add_argument("--steps", type=int, default=24, help="timed steps per contender, past length and round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=COUNT, default=24, help="timed steps per contender, past length and round")
+    p.add_argument("--rounds", type=COUNT, default=3)
+    p.add_argument("--threads", type=COUNT, default=2)
     p.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-1024")
     p.add_argument("--only", default=",".join(BenchOptions.contenders), help="contenders to run")
     p.add_argument("--work", type=Path, default=BenchOptions.work, help="cache for checkpoint and graphs")
     p.add_argument("--json", type=Path, help="also write the figures here")
-    p.add_argument("--spin-us", type=int, default=0,
+    p.add_argument("--spin-us", type=NON_NEGATIVE, default=0,
                    help="also time our step with intra-op workers spinning this long (the runtime default: 0)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -11,8 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,9 @@ from safetensors.numpy import save_file as save_numpy
 
 import qinyu_edge
 from qinyu_edge.bundle import (
+    HOST_FILE,
+    SPEAKERS_FILE,
+    TOKENIZER_FILE,
     FORMAT_VERSION,
     Bundle,
     ComponentSpec,
@@ -37,6 +38,8 @@ from qinyu_edge.bundle import (
 from qinyu_edge.engines.decode_graphs import check_decode, derive as derive_decode
 from qinyu_edge.errors import QinyuError
 from qinyu_edge.fileio import replace_dir
+from qinyu_edge.staging import staged_dir
+from qinyu_edge.validate import check_max_context
 
 from .models.backbone import Qwen3Backbone
 from .models.heads import HeadsGreedy, HeadsLogits
@@ -48,9 +51,6 @@ log = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4
 HISTORY = 5  # codebook-0 ids of the last 5 frames feed the repetition penalty
-HOST_FILE = "host.safetensors"  # CMVN vectors for the runtime frontend
-SPEAKERS_FILE = "speakers.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
 
 Inputs = dict[str, torch.Tensor]
 
@@ -264,10 +264,9 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
     if out.exists() and not force:
         raise QinyuError(f"{out} already exists. Choose another --out, or pass --force to replace it.")
     cfg = model.config
-    max_context = max_context or min(cfg.backbone.max_position_embeddings, 8192)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
+    max_context = (min(cfg.backbone.max_position_embeddings, 8192) if max_context is None
+                   else check_max_context(max_context, cfg.backbone.max_position_embeddings))
+    with staged_dir(out, force) as tmp:
         comps = components(model, max_context)
         specs: dict[str, ComponentSpec] = {}
         rows: list[dict[str, object]] = []
@@ -327,8 +326,6 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
             )
         replace_dir(tmp, out)
         return bundle
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def preset_bundle(preset_name: str, seed: int = 0, console: Console | None = None) -> Path:

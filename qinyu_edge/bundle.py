@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bundle_paths import inside
 from .config import ModelConfig
 from .errors import BundleError
 from .fileio import atomic_write_text, sha256_file
@@ -26,6 +27,12 @@ FORMAT_VERSION = 5
 OLDEST_READABLE = 3
 MANIFEST = "bundle.json"
 DECODE = "decode"  # the component that fuses backbone and heads_greedy (engines/decode_graphs.py)
+HOST_FILE = "host.safetensors"
+SPEAKERS_FILE = "speakers.safetensors"  # optional: a bundle may have no named voices
+TOKENIZER_FILE = "tokenizer.json"
+# What the runtime opens eagerly; heads_logits is optional (only sampling needs it).
+REQUIRED_COMPONENTS = ("encoder", "audio_projector", "speaker_projector", "embedding", "backbone",
+                       "heads_greedy", "xy_decoder", "campplus")
 
 
 @dataclass(frozen=True)
@@ -73,9 +80,13 @@ class Bundle:
     # embedding graph per step); None where the bundle has none (older, or a quantized table).
     host_embedding: str | None = None
 
+    def file(self, name: str) -> Path:
+        """A file of the bundle by its manifest name, confined to the bundle folder."""
+        return inside(self.root, name, f"a file named in {MANIFEST}")
+
     def path(self, component: str) -> Path:
         try:
-            return self.root / self.components[component].file
+            return self.file(self.components[component].file)
         except KeyError:
             raise BundleError(
                 f"bundle {self.root} has no component {component!r} (it has {', '.join(self.components)}). "
@@ -112,7 +123,42 @@ def _component(d: dict[str, Any]) -> ComponentSpec:
 
 
 def file_entries(root: Path, names: list[str]) -> dict[str, FileEntry]:
-    return {n: FileEntry(sha256_file(root / n), (root / n).stat().st_size) for n in sorted(names)}
+    paths = {n: inside(root, n, "a bundle file") for n in sorted(names)}
+    return {n: FileEntry(sha256_file(p), p.stat().st_size) for n, p in paths.items()}
+
+
+def used_files(bundle: Bundle) -> list[str]:
+    """Every file the runtime opens: each component's ONNX and its external-data side file, the ONNX
+    Runtime variants, the tokenizer, the host tensors, the host embedding table and the voices. All
+    must be listed in `files`."""
+    # (Missing host or tokenizer files are the runtime's to report: tools like lint do not need them.)
+    names = [n for n in (HOST_FILE, TOKENIZER_FILE, SPEAKERS_FILE) if bundle.file(n).exists()]
+    if bundle.host_embedding is not None:
+        names.append(bundle.host_embedding)
+    for spec in [*bundle.components.values(), *bundle.ort_variants.values()]:
+        names.append(spec.file)
+        if bundle.file(spec.file + ".data").exists():
+            names.append(spec.file + ".data")
+    return names
+
+
+def _check_names(bundle: Bundle) -> None:
+    """Refuse a manifest naming anything outside the folder, or a component that is not ONNX."""
+    for name in [*bundle.files, *([bundle.host_embedding] if bundle.host_embedding is not None else [])]:
+        bundle.file(name)
+    for spec in [*bundle.components.values(), *bundle.ort_variants.values()]:
+        bundle.file(spec.file)
+        if not spec.file.endswith(".onnx"):
+            raise BundleError(f"{bundle.root / MANIFEST}: component {spec.name} is the file {spec.file!r}, "
+                              "not an .onnx graph; the bundle is damaged. Export it again.")
+
+
+def check_runnable(bundle: Bundle) -> None:
+    """The runtime needs every component of REQUIRED_COMPONENTS (tools such as lint take any subset)."""
+    missing = [c for c in REQUIRED_COMPONENTS if c not in bundle.components]
+    if missing:
+        raise BundleError(f"{bundle.root / MANIFEST} has no component {', '.join(missing)} (the runtime needs "
+                          f"{', '.join(REQUIRED_COMPONENTS)}); the bundle is damaged. Export it again.")
 
 
 def write_manifest(bundle: Bundle) -> Path:
@@ -131,8 +177,13 @@ def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
         d = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise BundleError(f"{path} is not valid JSON ({e}); the bundle is damaged. Export it again.") from e
+    if not isinstance(d, dict):
+        raise BundleError(f"{path} holds a JSON {type(d).__name__}, not an object; the bundle is damaged. Export it again.")
     version = d.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise BundleError(f"{path}: format_version is {version!r} ({type(version).__name__}), not an integer; "
+                          "the bundle is damaged. Export it again.")
+    if version > FORMAT_VERSION:
         raise BundleError(
             f"{root} has bundle format {version!r}, newer than this qinyu-edge reads ({FORMAT_VERSION}). "
             "Upgrade qinyu-edge, or export the bundle with the version installed here."
@@ -152,18 +203,20 @@ def load_bundle(root: str | os.PathLike, verify: bool = True) -> Bundle:
             ort_variants={k: _component(v) for k, v in d.get("ort_variants", {}).items()},
             host_embedding=d.get("host_embedding"),
         )
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise BundleError(f"{path} lacks or mangles the field {e}; export the bundle again.") from e
+    _check_names(bundle)
     if verify:
         verify_files(bundle)
     return bundle
 
 
 def verify_files(bundle: Bundle) -> None:
-    """Every listed file exists with its recorded size and sha256."""
-    problems = []
+    """Every file the runtime uses is listed, and every listed file exists with its recorded size and sha256."""
+    problems = [f"{name}: used but not listed in `files`, so it cannot be checked"
+                for name in used_files(bundle) if name not in bundle.files]
     for name, entry in bundle.files.items():
-        p = bundle.root / name
+        p = bundle.file(name)
         if not p.is_file():
             problems.append(f"{name}: missing")
         elif p.stat().st_size != entry.bytes:

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 from .errors import QinyuError
+from .failures import report
+from .validate import COUNT, NON_NEGATIVE, real
 
 log = logging.getLogger("qinyu_edge")
 
@@ -45,11 +47,19 @@ def _load_voice(value: str | None):
     if not path.is_file():
         raise QinyuError(f"--voice {value}: no such file, and names have no extension")
     if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False)
+        try:
+            return np.load(path, allow_pickle=False)
+        except ValueError as e:  # a pickled object array, or not an .npy at all
+            raise QinyuError(f"--voice {path} is not a plain .npy array ({e}); save the vector with "
+                             "numpy.save(path, vector), never as a pickled object") from e
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except SafetensorError as e:
+            raise QinyuError(f"--voice {path} is not a readable .safetensors file ({e}); write it again") from e
         if len(tensors) != 1:
             raise QinyuError(f"{path} holds {len(tensors)} tensors ({', '.join(tensors)}); pass one voice name with --voice")
         return next(iter(tensors.values()))
@@ -59,8 +69,8 @@ def _load_voice(value: str | None):
 def cmd_run(args: argparse.Namespace) -> int:
     import json
 
-    from .fileio import atomic_write_text
-    from .runtime.audio_io import load_16k_mono, write_wav
+    from .fileio import atomic_write_text, check_writable
+    from .runtime.audio_io import load_16k_mono, output_format, write_wav
     from .runtime.conversation import Conversation
     from .runtime.engine import Engine, EngineOptions
     from .runtime.sampling import SamplingConfig
@@ -68,6 +78,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.input is None and not args.text:
         raise QinyuError("give --input WAV or --text TEXT")
+    if args.mode == "tts" and args.input is not None:
+        raise QinyuError("--mode tts speaks text: give --text TEXT instead of --input")
+    if args.mode == "asr" and args.input is None:
+        raise QinyuError("--mode asr transcribes speech: give --input WAV instead of --text")
+    if args.mode == "roleplay" and not args.role:
+        raise QinyuError("--mode roleplay needs --role \"a description of the character\"")
+    if args.role is not None and args.mode not in ("conversation", "roleplay"):
+        raise QinyuError(f"--role describes a character: use it with --mode roleplay, not --mode {args.mode}")
+    output_format(args.output)
+    check_writable(args.output, what="--output")
+    check_writable(Path(args.json) if args.json else Path(args.output).with_suffix(".json"), what="--json")
     try:
         schedule = ChunkSchedule.parse(args.schedule)
         sampling = (SamplingConfig(args.temperature, args.top_k, args.top_p, args.seed) if args.sample else None)
@@ -123,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--xy", type=Path, help="VITA-QinYu-Models folder (xy_tokenizer.ckpt + yaml, campplus_cn_common.bin, spk2embeds_roleplay.pt)")
     e.add_argument("--out", type=Path, required=True, help="bundle folder to create")
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
-    e.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
-    e.add_argument("--max-context", type=int, default=None, help="longest context the shape ranges allow")
+    e.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of a preset's random weights")
+    e.add_argument("--max-context", type=COUNT, default=None, help="longest context the shape ranges allow")
     e.set_defaults(func=cmd_export)
 
     r = sub.add_parser("run", help="one turn from a WAV (or text) to a reply WAV and a JSON with text, tokens, timings")
@@ -132,25 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", type=Path, help="the user's speech (any rate, any channels)")
     src.add_argument("--text", help="a text question (or the text to speak with --mode tts)")
-    r.add_argument("--output", type=Path, required=True, help="reply WAV (32 kHz)")
+    r.add_argument("--output", type=Path, required=True, help="reply audio, 32 kHz (.wav; .flac, .ogg, .mp3 by suffix)")
     r.add_argument("--json", type=Path, help="where to write the report (default: OUTPUT with .json)")
     r.add_argument("--mode", choices=["conversation", "roleplay", "asr", "tts"], default="conversation")
     r.add_argument("--voice", help="agent voice: a name in the bundle (default tian) or a 192-d .npy/.safetensors file")
     r.add_argument("--role", help="role description for --mode roleplay")
     r.add_argument("--no-user-speaker", action="store_true", help="do not add the user's CAM++ embedding")
-    r.add_argument("--max-new-tokens", type=int, default=None, help="step cap (default 1024, as upstream)")
+    r.add_argument("--max-new-tokens", type=COUNT, default=None, help="step cap (default 1024, as upstream)")
     r.add_argument("--schedule", default="official", help="audio chunk schedule: official, low_latency or sizes like 8,16,32")
     r.add_argument("--sample", action="store_true", help="sample instead of the official greedy decoding")
-    r.add_argument("--temperature", type=float, default=0.8)
-    r.add_argument("--top-k", type=int, default=20)
-    r.add_argument("--top-p", type=float, default=0.95)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--temperature", type=real(0, low_open=True), default=0.8)
+    r.add_argument("--top-k", type=COUNT, default=20)
+    r.add_argument("--top-p", type=real(0, 1, low_open=True), default=0.95)
+    r.add_argument("--seed", type=NON_NEGATIVE, default=0)
     r.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="ONNX Runtime provider")
     r.add_argument("--engines", type=Path, help="run the TensorRT plans of this engine set (from `qinyu-edge build`)")
     r.add_argument("--portable", action="store_true",
                    help="run the portable graphs even where the bundle has a faster ONNX Runtime CPU variant")
-    r.add_argument("--threads", type=int, default=None)
-    r.add_argument("--context", type=int, default=None, help="KV cache positions (default: the bundle's maximum)")
+    r.add_argument("--threads", type=COUNT, default=None)
+    r.add_argument("--context", type=COUNT, default=None, help="KV cache positions (default: the bundle's maximum)")
     r.set_defaults(func=cmd_run)
 
     # Each area adds its own subcommands; those modules import nothing heavy until a command runs.
@@ -170,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except QinyuError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (QinyuError, OSError, MemoryError) as e:
+        status = report(e, args.verbose)
+        if status is None:
+            raise
+        return status
     except KeyboardInterrupt:
         print("interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130

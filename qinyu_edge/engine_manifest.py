@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
 
+from .bundle_paths import inside
 from .errors import QinyuError
 from .fileio import atomic_write_text
 
@@ -345,6 +346,10 @@ class EngineSet:
         """Atomic: a reader sees the old manifest or the new one, never half of one."""
         return atomic_write_text(self.root / MANIFEST, self.to_json())
 
+    def plan_path(self, entry: EngineManifest) -> Path:
+        """The entry's plan file, confined to the engine set folder."""
+        return inside(self.root, entry.plan_file, f"a plan file named in {MANIFEST}")
+
     def entry_for_plan(self, plan_file: str) -> EngineManifest:
         for entry in self.engines.values():
             if entry.plan_file == plan_file:
@@ -364,14 +369,20 @@ class EngineSet:
             d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise EngineError(f"{path} is not valid JSON ({e}). Rebuild the engine set with `qinyu-edge build --force`.") from e
-        version = d.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        version = d.get("format_version") if isinstance(d, dict) else None
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise EngineError(f"{path}: format_version is {version!r}, not an integer; the manifest is damaged. "
+                              "Rebuild the engine set with `qinyu-edge build --force`.")
+        if version > FORMAT_VERSION:
             raise EngineError(f"{path} has engine-set format {version!r}, newer than this qinyu-edge reads "
                               f"({FORMAT_VERSION}). Upgrade qinyu-edge or rebuild the engines with this one.")
         try:
-            return cls(root, d["target"], d["bundle"],
-                       {k: EngineManifest.from_dict(v) for k, v in d["engines"].items()}, version)
-        except (KeyError, TypeError, ValueError) as e:
+            engine_set = cls(root, d["target"], d["bundle"],
+                             {k: EngineManifest.from_dict(v) for k, v in d["engines"].items()}, version)
+            for entry in engine_set.engines.values():
+                engine_set.plan_path(entry)
+            return engine_set
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise EngineError(f"{path} lacks or mangles the field {e}. Rebuild the engine set with "
                               "`qinyu-edge build --force`.") from e
 

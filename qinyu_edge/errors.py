@@ -27,3 +27,12 @@ class AudioInputError(QinyuError):
 
 class ContextFullError(QinyuError):
     """The prompt does not fit the context window."""
+
+
+class OutputError(QinyuError):
+    """An output path cannot be written (a folder, read-only, full, or an unknown audio format)."""
+
+
+class PromptError(QinyuError, ValueError):
+    """User text or a role that cannot go into a prompt (e.g. it holds reserved control tokens).
+    Also a ValueError, which the prompt builder raised before it had its own class."""

@@ -48,7 +48,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
     """Move a finished folder onto `out`, replacing what is there in two renames (never half of each)."""
+    from .staging import share_like_umask
+
     tmp, out = Path(tmp), Path(out)
+    share_like_umask(tmp)
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
@@ -68,3 +71,27 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def check_writable(path: str | os.PathLike, need_bytes: int = 0, what: str = "output") -> Path:
+    """Refuse, before any work, an output that could not be written at the end: a folder in its place,
+    a parent that cannot be created or written (permissions, read-only file system), or fewer than
+    `need_bytes` free there. A probe file is created and removed beside it."""
+    from .errors import OutputError
+
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path} is a folder: give a file name inside it, e.g. {path / 'reply.wav'}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.probe-")
+        os.close(fd)
+        os.unlink(probe)
+        free = shutil.disk_usage(path.parent).free
+    except OSError as e:
+        raise OutputError(f"cannot write the {what} {path}: {e.strerror or e}. Choose a folder you can write "
+                          "(check its permissions, and that the disk is not mounted read-only).") from e
+    if free < need_bytes:
+        raise OutputError(f"the {what} {path} needs about {need_bytes / 2**20:.0f} MiB but only {free / 2**20:.0f} "
+                          f"MiB are free on that disk. Free some space or choose another folder.")
+    return path

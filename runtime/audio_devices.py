@@ -604,6 +604,7 @@ class DeviceSource(_DeviceStream):
     kind = "input"
     model_rate = CAPTURE_RATE
     rate = CAPTURE_RATE
+    paced = True
 
     def __init__(self, config: AudioDeviceConfig | None = None):
         config = config or AudioDeviceConfig()
@@ -817,6 +818,7 @@ class FileSource:
         # Trailing silence lets a VAD and turn detector reach their end-of-speech decisions.
         self._audio = np.concatenate([audio, np.zeros(int(tail_silence_s * CAPTURE_RATE), dtype=np.float32)])
         self._realtime, self._speed = realtime, speed
+        self.paced = realtime
         self._pos = 0
         self._clock: _Clock | None = None
         self.stats = StreamStats(device=f"file:{self.path}", device_rate=int(rate), channels=1)
@@ -970,6 +972,9 @@ class AudioSource(Protocol):
 
     rate: int
     stats: StreamStats
+    # False: read() returns at once rather than at the capture pace (a file run with --fast), so
+    # nothing is heard while a reply is made; a listener waits for the reply before reading on.
+    paced: bool
 
     def start(self) -> None: ...
     def read(self, n: int) -> np.ndarray | None: ...

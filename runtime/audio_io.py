@@ -22,7 +22,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from qinyu_edge.errors import AudioInputError
+from qinyu_edge.errors import AudioInputError, OutputError
 from qinyu_edge.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -165,10 +165,13 @@ def write_wav(
     PCM_16 rounds to the int16 grid (x * 32768, clipped), the exact inverse of how `read_audio` scales,
     so writing and reading back 16-bit samples is lossless.
     """
+    fmt = output_format(path)
     samples = np.asarray(samples)
     if samples.ndim not in (1, 2):
         raise ValueError(f"samples must be [frames] or [frames, channels], got shape {samples.shape}")
-    if subtype == "PCM_16":
+    if fmt not in _PCM_FORMATS:  # a lossy codec: its own subtype, float samples within [-1, 1]
+        data, subtype = np.clip(samples, -1.0, 1.0).astype(np.float32), sf.default_subtype(fmt)
+    elif subtype == "PCM_16":
         clipped = np.clip(np.rint(samples.astype(np.float64) * 32768.0), -32768, 32767)
         n_clipped = int(np.count_nonzero(np.abs(samples) > 32767 / 32768))
         if n_clipped:
@@ -179,11 +182,29 @@ def write_wav(
     else:
         raise ValueError(f"subtype must be 'PCM_16' or 'FLOAT', got {subtype!r}")
     buf = io.BytesIO()
-    sf.write(buf, data, int(sample_rate), format="WAV", subtype=subtype)
+    sf.write(buf, data, int(sample_rate), format=fmt, subtype=subtype)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+_PCM_FORMATS = ("WAV", "FLAC")
+# Suffixes whose libsndfile format name differs from the suffix itself.
+_SUFFIX_FORMATS = {".oga": "OGG", ".opus": "OGG", ".aif": "AIFF", ".aiff": "AIFF"}
+
+
+def output_format(path: str | os.PathLike) -> str:
+    """The libsndfile format an audio output's suffix names (.wav, .flac, .ogg, .mp3, ...); refused
+    before any work if this libsndfile cannot write it, rather than writing WAV bytes under another name."""
+    suffix = Path(path).suffix.lower()
+    fmt = _SUFFIX_FORMATS.get(suffix, suffix.lstrip(".").upper())
+    known = sf.available_formats()
+    if fmt not in known or fmt not in (*_PCM_FORMATS, "OGG", "MP3", "AIFF"):
+        raise OutputError(f"{path}: cannot tell an audio format from the suffix {suffix or '(none)'!r}. "
+                          "Name the file .wav, .flac, .ogg or .mp3"
+                          + ("" if "MP3" in known else " (this libsndfile has no MP3: use .wav)") + ".")
+    return fmt
 
 
 __all__ = [
     "TARGET_RATE", "read_audio", "to_mono", "check_samples", "to_16k_mono", "resample_torchaudio", "load_16k_mono",
-    "write_wav",
+    "write_wav", "output_format",
 ]

@@ -125,27 +125,35 @@ class Conversation:
         ms = lambda: (time.perf_counter() - t0) * 1e3  # noqa: E731
         timings = Timings()
         clips = list(self.clips)
+        rows = [c.embeds.shape[0] for c in clips]
         if wav_16k is not None:
             feats = eng.features(wav_16k)
             timings.frontend_ms = ms()
+            rows.append(eng.audio_rows(feats))
+            with_speaker = user_speaker and self.mode in (Mode.CONVERSATION, Mode.ROLEPLAY)
+            user = Turn.speech(text, user_speaker=with_speaker)
+        else:
+            user = Turn.question(text)
+        # The prompt is laid out from the row counts before the encoder runs, so audio too long for
+        # the context is refused before its encoder activations are allocated (GBs for minutes).
+        t1 = ms()
+        prompt = self.builder.build(self.mode, self.history, user, rows, role_description=self.role_description,
+                                    reply_reserve=self.reply_reserve, num_history=self.num_history)
+        build_ms = ms() - t1
+        if wav_16k is not None:
+            t1 = ms()
             embeds = eng.encode_audio(feats)
-            timings.encoder_ms = ms() - timings.frontend_ms
+            timings.encoder_ms = ms() - t1
             speaker = None
-            if user_speaker and self.mode in (Mode.CONVERSATION, Mode.ROLEPLAY):
+            if with_speaker:
                 t1 = ms()
                 speaker = eng.speaker_vector(wav_16k)
                 timings.speaker_ms = ms() - t1
             clips.append(Clip(embeds, speaker, len(wav_16k) / 16000))
-            user = Turn.speech(text, user_speaker=speaker is not None)
-        else:
-            user = Turn.question(text)
         t1 = ms()
-        prompt = self.builder.build(self.mode, self.history, user, [c.embeds.shape[0] for c in clips],
-                                    role_description=self.role_description, reply_reserve=self.reply_reserve,
-                                    num_history=self.num_history)
         emb = eng.prompt_embeds(prompt.ids, prompt.audio_slots, [clips[i].embeds for i in prompt.clip_indices],
                                 prompt.speaker_slots, self._speakers(prompt, clips))
-        timings.prompt_ms = ms() - t1
+        timings.prompt_ms = build_ms + ms() - t1
 
         delay = DelayUndo()
         streamer = StreamingDecoder(eng.sessions["xy_decoder"], self.schedule)
@@ -233,3 +241,9 @@ class Conversation:
         """Add the user turn and the reply (or only the part that was played) to the history."""
         self.clips = reply.clips
         self.history += [reply.user, Turn.reply(reply.text if spoken_text is None else spoken_text)]
+        # Forget the turns (and their clips' embeddings) no later prompt can use, so a long
+        # conversation holds bounded memory.
+        forget = self.builder.forgettable_turns(self.history, [c.embeds.shape[0] for c in self.clips], self.num_history)
+        if forget:
+            self.clips = self.clips[sum(t.audio for t in self.history[:forget]):]
+            self.history = self.history[forget:]

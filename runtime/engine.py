@@ -14,10 +14,20 @@ import numpy as np
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
-from qinyu_edge.bundle import DECODE, Bundle, ComponentSpec, load_bundle
+from qinyu_edge.bundle import (
+    DECODE,
+    HOST_FILE,
+    SPEAKERS_FILE,
+    TOKENIZER_FILE,
+    Bundle,
+    ComponentSpec,
+    check_runnable,
+    load_bundle,
+)
 from qinyu_edge.config import PREFILL_CHUNK, SPEAKER_DIM
 from qinyu_edge.engine_manifest import SHARED_SCRATCH_COMPONENTS, EngineError, EngineSet
 from qinyu_edge.errors import BundleError, CheckpointError
+from qinyu_edge.validate import check_context
 
 from .frontend import FrontendConfig, SenseVoiceFrontend, campplus_chunks, campplus_fbank
 from .generate import Generator
@@ -27,9 +37,6 @@ from .session import Session, open_session
 
 log = logging.getLogger(__name__)
 
-HOST_FILE = "host.safetensors"
-SPEAKERS_FILE = "speakers.safetensors"
-TOKENIZER_FILE = "tokenizer.json"
 LAZY_COMPONENT = "heads_logits"  # opened when sampling first needs it
 
 
@@ -48,14 +55,24 @@ class EngineOptions:
     fused: bool = True
 
 
+def _read(bundle: Bundle, name: str, reader):
+    """A bundle file through its library's reader; a file the reader cannot parse is a damaged bundle."""
+    path = bundle.file(name)
+    try:
+        return reader(path)
+    except Exception as e:  # tokenizers and safetensors raise their own exception types
+        raise BundleError(f"{path} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                          "the bundle is damaged. Copy it again or export it again.") from e
+
+
 class Engine:
     def __init__(self, bundle_dir: str | os.PathLike, options: EngineOptions = EngineOptions(), verify: bool = True):
         self.bundle: Bundle = load_bundle(bundle_dir, verify=verify)
+        check_runnable(self.bundle)
         self.options = options
-        root = self.bundle.root
         self.config = self.bundle.config
         self.layout = self.bundle.layout
-        self.tokenizer = Tokenizer.from_file(str(root / TOKENIZER_FILE))
+        self.tokenizer = _read(self.bundle, TOKENIZER_FILE, lambda p: Tokenizer.from_file(str(p)))
         self._engine_set = self._open_engine_set()
         self._scratch = None  # a trt_session.SharedScratch once a plan of SHARED_SCRATCH_COMPONENTS opens
         self._unloadable_variants: set[str] = set()
@@ -65,7 +82,7 @@ class Engine:
         cpu_variant = self.spec("backbone") is not self.bundle.components["backbone"]
         self.fused = (options.fused and DECODE in self.bundle.components and self._has_plan_or_ort(DECODE)
                       and (self.spec(DECODE) is not self.bundle.components[DECODE] or not cpu_variant))
-        self.host_embedding = (HostEmbedding(root / self.bundle.host_embedding, self.config.backbone.vocab_size,
+        self.host_embedding = (HostEmbedding(self.bundle.file(self.bundle.host_embedding), self.config.backbone.vocab_size,
                                              self.config.backbone.hidden_size)
                                if options.fused and self.bundle.host_embedding else None)
         # Graphs a run never calls are not loaded: the fused graph replaces the backbone and the greedy
@@ -75,13 +92,17 @@ class Engine:
         for name in self.bundle.components:
             if name not in lazy:
                 self.session(name)
-        host = load_file(str(root / HOST_FILE))
+        host = _read(self.bundle, HOST_FILE, lambda p: load_file(str(p)))
         self.frontend = SenseVoiceFrontend(FrontendConfig.from_sensevoice(self.config.sensevoice),
                                            host["cmvn_shift"], host["cmvn_scale"])
+        speakers = self.bundle.file(SPEAKERS_FILE)
         self.voices: dict[str, np.ndarray] = (
-            load_file(str(root / SPEAKERS_FILE)) if (root / SPEAKERS_FILE).is_file() else {}
+            {name: self._checked_voice(vec, f"voice {name!r} of {speakers}")
+             for name, vec in _read(self.bundle, SPEAKERS_FILE, lambda p: load_file(str(p))).items()}
+            if speakers.is_file() else {}
         )
-        capacity = options.context or self.bundle.components["backbone"].shape_ranges["past"][2] - NULL_ROWS
+        largest = self.bundle.components["backbone"].shape_ranges["past"][2] - NULL_ROWS
+        capacity = largest if options.context is None else check_context(options.context, largest)
         main = DECODE if self.fused else "backbone"
         self.cache = KVCache.for_backbone(self.spec(main), capacity)
         open_logits = (lambda: self.session(LAZY_COMPONENT)) if LAZY_COMPONENT in self.bundle.components else None
@@ -135,14 +156,14 @@ class Engine:
 
                     self._scratch = SharedScratch.on_device()
                 scratch = self._scratch
-            session = open_session(self._engine_set.root / entry.plan_file, "trt", onnx_sha256=sha, scratch=scratch)
+            session = open_session(self._engine_set.plan_path(entry), "trt", onnx_sha256=sha, scratch=scratch)
         else:
             if self._engine_set is not None:
                 log.warning("%s: the engine set %s has no plan for it; it runs in ONNX Runtime", name,
                             self._engine_set.root)
             backend = "ort" if self._engine_set else opts.backend
             try:
-                session = open_session(self.bundle.root / spec.file, backend, opts.provider, opts.threads,
+                session = open_session(self.bundle.file(spec.file), backend, opts.provider, opts.threads,
                                        spec.ort_disabled_optimizers)
             except Exception as e:  # onnxruntime's errors share no narrower base class
                 if spec is self.bundle.components[name]:
@@ -185,9 +206,15 @@ class Engine:
                     f"known: {', '.join(sorted(self.voices)) or 'none'}. Pass a 192-d vector file instead."
                 )
             return self.voices[name_or_vector]
-        vec = np.asarray(name_or_vector, np.float32).reshape(-1)
+        return self._checked_voice(name_or_vector, "a speaker vector")
+
+    @staticmethod
+    def _checked_voice(vector: np.ndarray, what: str) -> np.ndarray:
+        vec = np.asarray(vector, np.float32).reshape(-1)
         if vec.shape != (SPEAKER_DIM,) or not np.isfinite(vec).all():
-            raise CheckpointError(f"a speaker vector must be {SPEAKER_DIM} finite floats, got shape {vec.shape}")
+            raise CheckpointError(f"{what} must be {SPEAKER_DIM} finite floats, got shape {vec.shape}"
+                                  f"{'' if np.isfinite(vec).all() else ' with NaN or infinite values'}; "
+                                  "use another voice, or export the bundle again.")
         return vec
 
     def prompt_embeds(self, ids: np.ndarray, audio_slots: list[tuple[int, int]], audio_embeds: list[np.ndarray],

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 from tokenizers import Tokenizer
 
-from qinyu_edge.errors import ContextFullError
+from qinyu_edge.errors import ContextFullError, PromptError
 from qinyu_edge.tokens import TokenLayout
 
 log = logging.getLogger(__name__)
@@ -154,6 +154,7 @@ class _Message:
     content: str
     clip: int | None = None  # the conversation-wide clip index of its audio, if any
     user_speaker: bool = False
+    free_text: str = ""  # the user's or the reply's own text, which must hold no reserved token
 
     def render(self) -> str:
         return f"{IM_START}{self.role}\n{self.content}{IM_END}\n"
@@ -214,12 +215,7 @@ class PromptBuilder:
         # Messages start with an added token, so their token counts add up; this picks the
         # number of pairs to keep without re-encoding the whole prompt for every candidate.
         fixed = sum(self._count(m, rows) for m in (*system, current)) + self._count_text(_GENERATION_PROMPT)
-        pair_costs = [sum(self._count(m, rows) for m in pair) for pair in window]
-        keep = len(window)
-        total = fixed + sum(pair_costs)
-        while keep > 0 and total > budget:
-            total -= pair_costs[len(window) - keep]
-            keep -= 1
+        keep = self._fitting_pairs(window, rows, budget - fixed)
         # The final ids come from one encode of the whole string, as upstream; should a tokenizer's
         # added tokens absorb neighbouring whitespace, the counts above are off and this still fits.
         while True:
@@ -234,6 +230,13 @@ class PromptBuilder:
             log.info("dropped the %d oldest history turn(s) to fit %d positions (prompt %d + reply reserve %d)",
                      prompt.dropped_turns, self.max_context, len(prompt), reply_reserve)
         return prompt
+
+    def forgettable_turns(self, history: Sequence[Turn], audio_rows: Sequence[int], num_history: int | None) -> int:
+        """How many of the oldest history turns no later prompt can use: those beyond `num_history`
+        pairs, or beyond what fits the whole context even with an empty system prompt and turn."""
+        pairs = self._history_pairs(history)
+        window = pairs if num_history is None else pairs[len(pairs) - min(num_history, len(pairs)):]
+        return 2 * (len(pairs) - self._fitting_pairs(window, [int(r) for r in audio_rows], self.max_context))
 
     def render(self, mode: Mode | str, history: Sequence[Turn], user: Turn, role_description: str | None = None) -> str:
         """The ChatML string of the full conversation, before tokenization and audio expansion."""
@@ -254,11 +257,15 @@ class PromptBuilder:
             return [], [], self._task_message(mode, user)
 
         if mode == Mode.ROLEPLAY and not role_description:
-            raise ValueError("roleplay needs the role description of the character")
+            raise PromptError("roleplay needs the role description of the character (--role)")
         desc = role_description if role_description is not None else self.texts.default_role_description
         self._check_text(desc, "role description")
         system = [_Message("system", self.texts.system_prompt(desc))]
 
+        pairs = self._history_pairs(history)
+        return system, pairs, self._user_message(user, sum(u.clip is not None for u, _ in pairs))
+
+    def _history_pairs(self, history: Sequence[Turn]) -> list[tuple[_Message, _Message]]:
         if len(history) % 2:
             raise ValueError(f"history must be whole (user, assistant) pairs; it has {len(history)} turns")
         pairs: list[tuple[_Message, _Message]] = []
@@ -267,16 +274,31 @@ class PromptBuilder:
             u, a = history[i], history[i + 1]
             if u.role != "user" or a.role != "assistant":
                 raise ValueError(f"history turns {i} and {i + 1} must be a user turn then an assistant turn")
-            msg = self._user_message(u, clip)
+            # History text is checked only where a prompt keeps it (`_fitting_pairs`).
+            msg = self._user_message(u, clip, check=False)
             clip += u.audio
-            self._check_text(a.text, f"assistant turn {i + 1}")
-            pairs.append((msg, _Message("assistant", a.text)))
-        return system, pairs, self._user_message(user, clip)
+            pairs.append((msg, _Message("assistant", a.text, free_text=a.text)))
+        return pairs
 
-    def _user_message(self, turn: Turn, clip: int) -> _Message:
-        self._check_text(turn.text, "user text")
+    def _fitting_pairs(self, window: Sequence[tuple[_Message, _Message]], rows: list[int], budget: int) -> int:
+        """How many of the newest pairs fit `budget` positions. Counted newest first and stopped at the
+        first that does not fit, so the pairs a prompt drops are never tokenized: the cost of a turn
+        stays flat however long the conversation grows."""
+        keep = 0
+        for user, reply in reversed(window):
+            self._check_text(user.free_text, "user text of a history turn")
+            self._check_text(reply.free_text, "assistant turn of the history")
+            budget -= self._count(user, rows) + self._count(reply, rows)
+            if budget < 0:
+                break
+            keep += 1
+        return keep
+
+    def _user_message(self, turn: Turn, clip: int, check: bool = True) -> _Message:
+        if check:
+            self._check_text(turn.text, "user text")
         content = (USER_SPEAKER_TAG if turn.user_speaker else "") + turn.text + (AUDIO_TAG if turn.audio else "")
-        return _Message("user", content, clip if turn.audio else None, turn.user_speaker)
+        return _Message("user", content, clip if turn.audio else None, turn.user_speaker, turn.text)
 
     def _task_message(self, mode: Mode, turn: Turn) -> _Message:
         if mode == Mode.ASR:
@@ -293,7 +315,7 @@ class PromptBuilder:
         # would become a control token and shift every audio and speaker slot after it.
         found = [self.tokenizer.id_to_token(i) for i in self._encode(text) if i in self._added_ids]
         if found:
-            raise ValueError(f"the {what} contains reserved token(s) {sorted(set(found))}; remove them from the text")
+            raise PromptError(f"the {what} contains reserved token(s) {sorted(set(found))}; remove them from the text")
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids

@@ -11,7 +11,9 @@ from importlib import resources
 from pathlib import Path
 
 from qinyu_edge.assistant_config import add_config_option
-from qinyu_edge.errors import QinyuError
+from qinyu_edge.errors import AudioInputError, QinyuError
+from qinyu_edge.fileio import check_writable
+from qinyu_edge.validate import COUNT, NON_NEGATIVE
 
 from .endpointing import EndpointPolicy
 
@@ -25,23 +27,23 @@ DEMO_WAV = "demo_question.wav"
 def _loop_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--turn", choices=["smart_turn", "silence"], default="smart_turn",
                    help="end-of-turn detector: Smart Turn v3.2 (pipecat-ai) or silence endpointing")
-    p.add_argument("--silence-ms", type=int, default=800, help="silence that ends a turn with --turn silence")
+    p.add_argument("--silence-ms", type=COUNT, default=800, help="silence that ends a turn with --turn silence")
     policy = EndpointPolicy()
-    p.add_argument("--min-silence-ms", type=int, default=policy.min_silence_ms,
+    p.add_argument("--min-silence-ms", type=NON_NEGATIVE, default=policy.min_silence_ms,
                    help="--turn smart_turn: silence after the last voiced frame before any end of turn (hard minimum)")
-    p.add_argument("--max-silence-ms", type=int, default=policy.max_silence_ms,
+    p.add_argument("--max-silence-ms", type=COUNT, default=policy.max_silence_ms,
                    help="--turn smart_turn: silence that ends the turn whatever Smart Turn says (fallback)")
     p.add_argument("--preemptive", choices=["on", "off"], default="on",
                    help="on: start the reply on a tentative end of turn, playing it only once the turn commits")
     p.add_argument("--vad", choices=["default", "official_web"], default="default", help="VAD preset")
     p.add_argument("--duplex", choices=["half", "full"], default="half",
                    help="half: ignore the mic while speaking (open speakers); full: headset, barge-in on")
-    p.add_argument("--barge-in-ms", type=int, default=300, help="user speech during a reply that interrupts it")
+    p.add_argument("--barge-in-ms", type=COUNT, default=300, help="user speech during a reply that interrupts it")
     p.add_argument("--voice", help="agent voice name in the bundle")
     p.add_argument("--role", help="role description (role-play)")
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=COUNT, default=None)
     p.add_argument("--schedule", default="official", help="audio chunk schedule: official, low_latency, fast_start (first audio after 4 frames) or 8,16,32")
-    p.add_argument("--num-history", type=int, default=4, help="turns of history kept (the web demo keeps 4)")
+    p.add_argument("--num-history", type=NON_NEGATIVE, default=4, help="turns of history kept (the web demo keeps 4)")
     p.add_argument("--log", type=Path, help="JSONL file with one line of timings per turn")
     p.add_argument("--engines", type=Path, help="run the TensorRT plans of this engine set (from `qinyu-edge build`)")
 
@@ -73,7 +75,7 @@ class _TurnLog:
     def __init__(self, path: Path | None):
         self.path = path
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            check_writable(path, what="--log")
 
     def write(self, record) -> None:
         if self.path is None:
@@ -147,6 +149,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from qinyu_edge.export.bundle_export import preset_bundle
 
     from .audio_devices import FileSink, FileSource
+    from .audio_io import output_format
 
     console = _wide_console()
     if args.bundle is not None:
@@ -158,6 +161,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         bundle = preset_bundle(args.preset, console=Console(stderr=True))
     wav = Path(args.input) if args.input else Path(str(resources.files("qinyu_edge") / "data" / DEMO_WAV))
     out = Path(args.output)
+    output_format(out)
+    check_writable(out, what="--output")
     source = FileSource(wav, realtime=not args.fast, tail_silence_s=1.5)
     sink = FileSink(out, realtime=not args.fast)
     turn_log = _TurnLog(args.log)
@@ -172,9 +177,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     console.print(f"playing {wav.name} into the loop {'as fast as possible' if args.fast else 'in real time'}")
     loop = _build(args, bundle, source, sink, on_event)
     turns = loop.run()
+    if not turns:
+        raise AudioInputError(f"no speech was heard in {wav}: the voice activity detector found none, so there "
+                              "was nothing to answer. Play a recording with speech in it (--input WAV).")
     console.print(_latency_table(turns))
     console.print(f"reply audio (the whole session timeline, 32 kHz): {out}")
-    return 0 if turns else 1
+    return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
