@@ -86,8 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise QinyuError("--mode roleplay needs --role \"a description of the character\"")
     if args.role is not None and args.mode not in ("conversation", "roleplay"):
         raise QinyuError(f"--role describes a character: use it with --mode roleplay, not --mode {args.mode}")
-    output_format(args.output)
     check_writable(args.output, what="--output")
+    output_format(args.output)
     check_writable(Path(args.json) if args.json else Path(args.output).with_suffix(".json"), what="--json")
     try:
         schedule = ChunkSchedule.parse(args.schedule)

@@ -265,3 +265,12 @@ def test_demo_on_a_given_bundle_and_any_input_format(tmp_path, speech_files, cap
     (line,) = [json.loads(x) for x in log.read_text().splitlines()]
     assert 0 < line["input_speech_start_s"] < line["input_speech_end_s"] < line["input_commit_s"] <= line["input_first_audio_s"]
     assert line["prefill_positions"] > 0 and line["underruns"] >= 0
+
+
+def test_unpaced_file_answers_every_utterance(tmp_path, engine, voice):
+    """`demo --fast`: before, the file was read to its end while the first reply was made, so only the
+    first of several questions was answered."""
+    parts = [silence(0.5), voice["question"], silence(1.5), voice["follow"], silence(1.5), voice["question"]]
+    loop, conv = session(tmp_path, engine, parts, realtime=False, max_new_tokens=20)
+    turns = loop.run()
+    assert len(turns) == 3 and len(conv.history) == 6
