@@ -729,7 +729,8 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         from .calibration import capture
 
         calibration = capture(src.root)
-    with staged_dir(out, force) as tmp:
+    # At most the fp32 bundle's size: every quantized component is smaller than its fp32 file.
+    with staged_dir(out, force, need_bytes=sum(e.bytes for e in src.files.values())) as tmp:
         results: dict[str, ComponentResult] = {}
         todo = {name: cr for name, cr in plan.items() if cr.method != "fp32"}
         # A quantized component loses its fp32 ONNX Runtime variant (which may point into the fp32

@@ -256,6 +256,12 @@ class ParityError(QinyuError):
     pass
 
 
+def _fp32_weight_bytes(model: QinYuModel) -> int:
+    """A lower bound of the bundle's size (each weight once, as fp32), to refuse a too-full disk up front."""
+    modules = [m for m in vars(model).values() if isinstance(m, torch.nn.Module)]
+    return 4 * sum(p.numel() for m in modules for p in m.parameters())
+
+
 def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False,
                   max_context: int | None = None, console: Console | None = None) -> Bundle:
     """Write the bundle for `model` at `out`; refuse an existing folder unless `force`."""
@@ -266,7 +272,7 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
     cfg = model.config
     max_context = (min(cfg.backbone.max_position_embeddings, 8192) if max_context is None
                    else check_max_context(max_context, cfg.backbone.max_position_embeddings))
-    with staged_dir(out, force) as tmp:
+    with staged_dir(out, force, need_bytes=_fp32_weight_bytes(model)) as tmp:
         comps = components(model, max_context)
         specs: dict[str, ComponentSpec] = {}
         rows: list[dict[str, object]] = []

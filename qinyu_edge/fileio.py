@@ -87,11 +87,18 @@ def check_writable(path: str | os.PathLike, need_bytes: int = 0, what: str = "ou
         fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.probe-")
         os.close(fd)
         os.unlink(probe)
-        free = shutil.disk_usage(path.parent).free
     except OSError as e:
         raise OutputError(f"cannot write the {what} {path}: {e.strerror or e}. Choose a folder you can write "
                           "(check its permissions, and that the disk is not mounted read-only).") from e
+    check_free_space(path, need_bytes, what)
+    return path
+
+
+def check_free_space(path: str | os.PathLike, need_bytes: int, what: str = "output") -> None:
+    """Refuse before the work, not after it, when the disk `path` goes to has less than `need_bytes` free."""
+    from .errors import OutputError
+
+    free = shutil.disk_usage(Path(path).parent).free
     if free < need_bytes:
         raise OutputError(f"the {what} {path} needs about {need_bytes / 2**20:.0f} MiB but only {free / 2**20:.0f} "
                           f"MiB are free on that disk. Free some space or choose another folder.")
-    return path

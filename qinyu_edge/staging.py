@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import OutputError
-from .fileio import default_mode
+from .fileio import check_free_space, default_mode
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +82,13 @@ def _writer_lock(out: Path) -> Iterator[None]:
 
 
 @contextmanager
-def staged_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
+def staged_dir(out: str | os.PathLike, force: bool, need_bytes: int = 0) -> Iterator[Path]:
     """A fresh folder beside `out` to build it in, while holding `out`'s writer lock.
 
     A second writer of the same `out` is refused at once (not after minutes of work, and never
     silently replacing the first). An existing `out` is refused unless `force`. The caller renames the
     folder onto `out` (`fileio.replace_dir`) inside the block; whatever is left is removed on exit.
+    Fewer than `need_bytes` free beside `out` is refused before the work starts.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +96,7 @@ def staged_dir(out: str | os.PathLike, force: bool) -> Iterator[Path]:
         remove_stale(out)
         if out.exists() and not force:
             raise OutputError(f"{out} already exists. Choose another --out, or pass --force to replace it.")
+        check_free_space(out, need_bytes, "--out")
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-{os.getpid()}-"))
         try:
             yield tmp

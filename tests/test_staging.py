@@ -61,3 +61,10 @@ def test_finished_folders_follow_the_umask(tmp_path):
         os.umask(old)
     assert oct((tmp_path / "b").stat().st_mode & 0o777) == "0o755"
     assert oct((tmp_path / "b" / "w.safetensors").stat().st_mode & 0o777) == "0o644"
+
+
+def test_too_full_a_disk_is_refused_before_the_work(tmp_path):
+    with pytest.raises(OutputError, match="needs about .* MiB but only .* MiB are free"):
+        with staged_dir(tmp_path / "b", force=False, need_bytes=1 << 60):
+            pytest.fail("the work started")
+    assert list(tmp_path.iterdir()) == []
