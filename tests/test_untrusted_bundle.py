@@ -11,6 +11,7 @@ from safetensors.numpy import save_file
 from qinyu_edge.bundle import file_entries, load_bundle
 from qinyu_edge.bundle_paths import inside
 from qinyu_edge.errors import BundleError, CheckpointError, QinyuError
+from qinyu_edge.fileio import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -74,18 +75,23 @@ def test_component_outside_the_bundle_is_refused(copy, tmp_path):
         load_bundle(copy)
 
 
-def test_quantize_never_writes_outside_out(copy, tmp_path):
-    """Old code: copy2(src.root / name, tmp / name) overwrote ../../victim/x.txt beside --out."""
+def test_quantize_never_writes_outside_out(source, tmp_path):
+    """Old code: copy2(src.root / name, tmp / name) with name `../../evil/x.txt` read the bundle's own
+    file beside it and overwrote the victim beside --out."""
     from qinyu_edge.engines.quantize import quantize_bundle
 
-    victim = tmp_path / "victim" / "x.txt"
+    root = tmp_path / "src" / "a" / "b"  # two levels deeper than the partial folder beside --out
+    shutil.copytree(source, root)
+    (tmp_path / "src" / "evil").mkdir()
+    (tmp_path / "src" / "evil" / "x.txt").write_text("evil")
+    victim = tmp_path / "evil" / "x.txt"
     victim.parent.mkdir()
     victim.write_text("precious")
-    (copy / "x.txt").write_text("evil")
-    name = os.path.relpath(victim, tmp_path / "q" / "work")
-    edit(copy, lambda d: relist(copy, d, "x.txt") or d["files"].update({name: d["files"].pop("x.txt")}))
-    with pytest.raises(BundleError):
-        quantize_bundle(copy, tmp_path / "q" / "work" / "out", "fp16", calibration=None)
+    name = "../../evil/x.txt"
+    edit(root, lambda d: d["files"].update(
+        {name: {"sha256": sha256_file(tmp_path / "src" / "evil" / "x.txt"), "bytes": 4}}))
+    with pytest.raises(BundleError, match="only relative names"):
+        quantize_bundle(root, tmp_path / "out" / "q", "fp16")
     assert victim.read_text() == "precious"
 
 
