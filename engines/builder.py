@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from qinyu_edge.bundle_paths import inside
 from qinyu_edge.engine_manifest import (
     EngineError, EngineManifest, EngineSet, check_engine, format_version, open_plan, parse_trt_version,
     read_plan_header, same_trt_build,
@@ -245,7 +246,7 @@ def build_engine(plan: BuildPlan, engine_dir: str | os.PathLike, rebuild: str,
                              f"{format_version(header.trt_version) if header.trt_version else header.problem}, but the "
                              f"builder is TensorRT {installed}. The header layout read here comes from NVIDIA's trtexec "
                              "sample and does not match this TensorRT: please report it.")
-        sha, size = write_plan(engine_dir / plan.plan_file, buffer_chunks(serialized))
+        sha, size = write_plan(inside(engine_dir, plan.plan_file, "a plan file"), buffer_chunks(serialized))
         del serialized
         return EngineManifest(
             component=plan.component, onnx_file=onnx_file, onnx_sha256=onnx_sha, plan_file=plan.plan_file,
@@ -276,7 +277,7 @@ def stale_reason(plan: BuildPlan, entry: EngineManifest | None, engine_dir: str 
     if changed:
         return f"the build plan changed ({', '.join(changed)})"
     name, cc = (gpu.name, gpu.compute_capability) if gpu is not None else (None, None)
-    with open_plan(Path(engine_dir) / entry.plan_file) as data:
+    with open_plan(inside(engine_dir, entry.plan_file, "a plan file")) as data:
         problem = check_engine(entry, trt_version, name, cc, None, data)
     return None if problem is None else problem.reason
 

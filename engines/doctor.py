@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qinyu_edge import __version__
+from qinyu_edge.bundle_paths import inside
 from qinyu_edge.device.detect import DetectedGPU
 
 log = logging.getLogger(__name__)
@@ -388,7 +389,7 @@ def _engine_checks(env: Environment, r: DoctorReport, root: Path, bundle: Any) -
         bad = 0
         for entry in es.engines.values():
             onnx_sha = src.files[entry.onnx_file].sha256 if src is not None and entry.onnx_file in src.files else None
-            plan = _plan_bytes(set_dir / entry.plan_file)
+            plan = _plan_bytes(inside(set_dir, entry.plan_file, "a plan file"))
             try:
                 mismatch = check_engine(entry, env.trt_version, gpu_name, cc, onnx_sha, plan)
             finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,10 +143,18 @@ def used_files(bundle: Bundle) -> list[str]:
     return names
 
 
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
 def _check_names(bundle: Bundle) -> None:
     """Refuse a manifest naming anything outside the folder, or a component that is not ONNX."""
     for name in [*bundle.files, *([bundle.host_embedding] if bundle.host_embedding is not None else [])]:
         bundle.file(name)
+    for name in [*bundle.components, *bundle.ort_variants]:
+        # Component names become file names elsewhere (NAME.plan, calibration folders).
+        if not _PLAIN_NAME.fullmatch(name) or set(name) == {"."}:
+            raise BundleError(f"{bundle.root / MANIFEST}: component name {name!r} is not a plain name (letters, "
+                              "digits, `_`, `-`, `.`); the bundle is damaged or hostile. Export it again.")
     for spec in [*bundle.components.values(), *bundle.ort_variants.values()]:
         bundle.file(spec.file)
         if not spec.file.endswith(".onnx"):

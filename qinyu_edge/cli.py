@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import QinyuError
 from .failures import report
-from .validate import COUNT, NON_NEGATIVE, real
+from .validate import COUNT, NON_NEGATIVE, check_max_context, real
 
 log = logging.getLogger("qinyu_edge")
 
@@ -22,6 +22,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export.qinyu_checkpoint import load_preset, load_qinyu
 
     console = Console(stderr=True)
+    if args.preset and args.max_context is not None:  # before minutes of building (a checkpoint's is checked on load)
+        from .config import preset
+
+        check_max_context(args.max_context, preset(args.preset).backbone.max_position_embeddings)
     if args.preset:
         console.print(f"building preset [bold]{args.preset}[/bold] (random weights, seed {args.seed}) in the real checkpoint layout")
         model = load_preset(args.preset, seed=args.seed)
@@ -131,8 +135,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(QinyuError):
+    """A command line argparse refuses (unknown flag, a value out of range)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its refusals on the one error path: `error: <what>` and exit 2, like every other
+    bad input (argparse alone prints the usage block first). Subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qinyu-edge", description="VITA-QinYu on edge GPUs.")
+    p = _Parser(prog="qinyu-edge", description="VITA-QinYu on edge GPUs.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -186,7 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        return report(e, verbose=False)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

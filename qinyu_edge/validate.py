@@ -19,7 +19,7 @@ def whole(low: int | None = None, high: int | None = None) -> Callable[[str], in
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+            raise argparse.ArgumentTypeError(f"give a whole number, not {text!r}") from None
         if (low is not None and value < low) or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"{value} is out of range: use {_range(low, high)}")
         return value
@@ -34,7 +34,7 @@ def real(low: float | None = None, high: float | None = None, low_open: bool = F
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"give a number, not {text!r}") from None
         if (not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low))
                 or (high is not None and value > high)):
             bound = f"{'more than' if low_open else 'at least'} {low:g}" if low is not None else ""

@@ -169,3 +169,11 @@ def test_context_beyond_the_bundle_is_refused(source):
 
     with pytest.raises(QinyuError, match="--context 100000 is beyond this bundle"):
         Engine(source, EngineOptions(context=100000))
+
+
+def test_component_names_are_plain(copy):
+    """A component name becomes NAME.plan in an engine set and a calibration folder: `../x` would escape."""
+    edit(copy, lambda d: d["components"].update({"../../escape": d["components"]["campplus"]}))
+    with pytest.raises(BundleError, match="not a plain name"):
+        load_bundle(copy)
+

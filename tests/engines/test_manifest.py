@@ -13,9 +13,10 @@ import pytest
 
 from qinyu_edge.device.targets import get_target
 from qinyu_edge.engine_manifest import (
-    BuilderSettings, EngineError, EngineManifest, EngineSet, check_engine, read_plan_header, rebuild_command,
+    MANIFEST, BuilderSettings, EngineError, EngineManifest, EngineSet, check_engine, read_plan_header, rebuild_command,
 )
 from qinyu_edge.engines.builder import buffer_chunks, stale_reason, write_plan
+from qinyu_edge.errors import BundleError
 from qinyu_edge.engines.plan import make_build_plans
 from qinyu_edge.runtime.trt_session import CudaDevice
 
@@ -213,3 +214,17 @@ def test_stale_reasons(mini_bundle, tmp_path):
     assert "changed after it was built" in stale_reason(plan, entry, engine_dir, "10.3.0.26", orin)
     (engine_dir / plan.plan_file).unlink()
     assert "does not exist" in stale_reason(plan, entry, engine_dir, "10.3.0.26", orin)
+
+
+def test_engine_set_names_stay_inside(tmp_path):
+    """An engine set's manifest is untrusted too: a plan_file naming a path out of the folder, or a
+    format_version that is not an integer, is refused when the set is loaded."""
+    escape = EngineSet(tmp_path, "t", "b", {"backbone": entry_for(plan_blob(), plan_file="../../etc/shadow")})
+    escape.write()
+    with pytest.raises(BundleError, match="only relative names"):
+        EngineSet.load(tmp_path)
+    d = json.loads((tmp_path / MANIFEST).read_text())
+    d["format_version"] = "1"
+    (tmp_path / MANIFEST).write_text(json.dumps(d))
+    with pytest.raises(EngineError, match="not an integer"):
+        EngineSet.load(tmp_path)
