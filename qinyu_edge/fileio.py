@@ -56,7 +56,7 @@ def replace_dir(tmp: str | os.PathLike, out: str | os.PathLike) -> None:
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
     else:
         os.replace(tmp, out)
 
@@ -81,7 +81,7 @@ def check_writable(path: str | os.PathLike, need_bytes: int = 0, what: str = "ou
 
     path = Path(path)
     if path.is_dir():
-        raise OutputError(f"{what} {path} is a folder: give a file name inside it, e.g. {path / 'reply.wav'}.")
+        raise OutputError(f"{what} {path} is a folder: give the path of a file (a new name inside it, say).")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.probe-")
@@ -102,3 +102,12 @@ def check_free_space(path: str | os.PathLike, need_bytes: int, what: str = "outp
     if free < need_bytes:
         raise OutputError(f"the {what} {path} needs about {need_bytes / 2**20:.0f} MiB but only {free / 2**20:.0f} "
                           f"MiB are free on that disk. Free some space or choose another folder.")
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    """Remove a folder tree, or a file or symlink (what `--force` replaces may be either)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import OutputError
-from .fileio import check_free_space, default_mode
+from .fileio import check_free_space, default_mode, remove_path
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,12 @@ def remove_stale(out: Path) -> list[Path]:
     removed = []
     for p in out.parent.iterdir() if out.parent.is_dir() else ():
         m = pattern.match(p.name)
-        if not m or not p.is_dir() or p.is_symlink():
+        if not m:
             continue
         pid = m.group(1) or m.group(2)
         if pid is not None and _alive(int(pid)):
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        remove_path(p)  # `.NAME.old-PID` is a file when --force replaced a file
         log.warning("removed %s, left behind by an interrupted run%s", p, f" (process {pid} is gone)" if pid else "")
         removed.append(p)
     return removed

@@ -19,6 +19,14 @@ def dead_pid():
     return proc.pid
 
 
+def test_force_over_a_file_leaves_nothing(tmp_path):
+    """`export --out FILE --force` left `.FILE.old-PID` (rmtree cannot remove a file)."""
+    (tmp_path / "b").write_text("a file in the way")
+    with staged_dir(tmp_path / "b", force=True) as tmp:
+        replace_dir(tmp, tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"] and (tmp_path / "b").is_dir()
+
+
 def test_second_writer_of_the_same_out_is_refused(tmp_path, capsys):
     out = tmp_path / "bundle"
     with staged_dir(out, force=False) as tmp:
@@ -43,6 +51,8 @@ def test_stale_leftovers_of_dead_processes_are_removed(tmp_path, caplog):
     for d in stale + live:
         d.mkdir()
         (d / "weights.onnx").write_bytes(b"x" * 100)
+    stale.append(tmp_path / f".b.old-{dead_pid()}")  # a file that --force replaced
+    stale[-1].write_text("old file")
     with caplog.at_level(logging.WARNING, logger="qinyu_edge.staging"), staged_dir(out, force=False):
         pass
     assert not any(d.exists() for d in stale) and all(d.exists() for d in live)
