@@ -316,9 +316,9 @@ class VoiceLoop:
         self._t0 = time.perf_counter()
         try:
             while not self._stop.is_set():
-                if self._job is not None and self._job.thread is not None and not self.source.paced:
+                if self._turn is not None and not self.source.paced:
                     # An unpaced source would be read to its end while the reply is made.
-                    self._job.thread.join()
+                    self._turn.job.thread.join()
                 try:
                     block = self.source.read(BLOCK)
                 except AudioDeviceLost as e:
