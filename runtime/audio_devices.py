@@ -683,6 +683,7 @@ class DeviceSink(_DeviceStream):
         self._played_s = 0.0
         self._lock = threading.Lock()
         self._epoch = 0  # bumped by flush(): writes from before it stop
+        self.tap: PlaybackListener | None = None  # told what each callback played (the echo canceller's reference)
 
     def _new_resampler(self, device_rate: int):
         if device_rate == PLAYBACK_RATE:
@@ -708,6 +709,8 @@ class DeviceSink(_DeviceStream):
         buf[:got] = self._scratch[:got, None]
         buf[got:] = 0.0
         self._played_s += got / self._device_rate
+        if self.tap is not None and got:
+            self.tap.played(self._scratch[:got], self._device_rate, self._last_callback)
         if got < frames and self._utterance_open:
             st.underruns += 1
             st.underrun_samples += frames - got
@@ -875,6 +878,7 @@ class FileSink:
         self._lock = threading.Lock()
         self._played_at_close = 0.0
         self.stats = StreamStats(device=f"file:{self.path}", device_rate=PLAYBACK_RATE, channels=1)
+        self.tap: PlaybackListener | None = None  # told what plays when (real time and speed 1 only)
 
     def start(self) -> None:
         if self._clock is None:
@@ -902,6 +906,8 @@ class FileSink:
                 self.stats.underrun_samples += start - self._end
             self._segments.append((start, x))
             self._end = start + x.size
+            if self.tap is not None:
+                self.tap.played(x, PLAYBACK_RATE, clock.t0 + start / PLAYBACK_RATE / self._speed)
             self._utterance_open = True
             self.stats.callbacks += 1
 
@@ -919,6 +925,8 @@ class FileSink:
             dropped = self._end - now
             self._segments = [(start, x[: now - start]) for start, x in self._segments if start < now]
             self._end = now
+            if self.tap is not None:
+                self.tap.cut(self._clock.t0 + now / PLAYBACK_RATE / self._speed)
         return dropped / PLAYBACK_RATE
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -965,6 +973,14 @@ class FileSink:
         self.close()
 
 
+class PlaybackListener(Protocol):
+    """Told what a sink played (mono samples at `rate`, starting at monotonic time `at`); `cut(at)` takes back
+    what was reported to play from `at` on (a flush). Called from a PortAudio callback: it must only copy."""
+
+    def played(self, samples: np.ndarray, rate: int, at: float) -> None: ...
+    def cut(self, at: float) -> None: ...
+
+
 class AudioSource(Protocol):
     """16 kHz mono float32 in: a DeviceSource or a FileSource."""
 
@@ -1007,6 +1023,7 @@ __all__ = [
     "DeviceSource",
     "FileSink",
     "FileSource",
+    "PlaybackListener",
     "RingBuffer",
     "StreamStats",
     "find_device",
