@@ -83,7 +83,7 @@ class Room:
         # The speaker plays this span first (as a device callback would), then the mic delivers it.
         sa, sb = a * self.tap_rate // CAPTURE_RATE, b * self.tap_rate // CAPTURE_RATE
         chunk = self._speaker[sa:sb]
-        if chunk.size and np.any(chunk):
+        if chunk.size:  # the speaker plays the whole timeline, silences included (one run of its clock)
             self.tap.played(chunk, self.tap_rate, at=a / CAPTURE_RATE)
         self._pos = b
         out = self.mic[a:b]
@@ -137,9 +137,10 @@ def barge_in_block(audio: np.ndarray, vad: SileroVad, barge_in_ms: int = 300, co
 
 
 def barge_in(lead: np.ndarray, reply: np.ndarray, user: np.ndarray, after_s: float, delay_ms: float,
-             vad: SileroVad, seed: int = 0) -> tuple[int | None, int | None]:
+             vad: SileroVad, seed: int = 0) -> tuple[int | None, int | None, float | None]:
     """The user speaks `after_s` into `reply` (played after `lead`, for convergence): (block at which the cleaned
-    mic triggers a barge-in, block at which the user's speech alone, no echo and no AEC, would), from the user's onset."""
+    mic triggers a barge-in, block at which the user's speech alone, no echo and no AEC, would; counted from 4 blocks
+    before the user's speech), and the ms from the speech onset + 300 ms to the end of the block that cuts."""
     at = lead.size * CAPTURE_RATE // PLAYBACK_RATE + int(1.0 * CAPTURE_RATE) + int(after_s * CAPTURE_RATE)
     room = Room(replies_timeline([lead, reply]), np.concatenate([np.zeros(at, np.float32), user]),
                 EchoPath(delay_ms=delay_ms, seed=seed))
@@ -147,7 +148,9 @@ def barge_in(lead: np.ndarray, reply: np.ndarray, user: np.ndarray, after_s: flo
     alone = np.concatenate([np.zeros(BLOCK * 4, np.float32), room.mic[at:] - room.echo[at:]])
     got = barge_in_block(cleaned[at - BLOCK * 4:], vad)
     ideal = barge_in_block(alone, vad)
-    return got, ideal
+    onset = int(np.argmax(np.abs(user) > 0.05 * np.abs(user).max()))
+    late = None if got is None else ((got + 1) * BLOCK - 4 * BLOCK - onset) * 1000 / CAPTURE_RATE - 300
+    return got, ideal, late
 
 
 def vad_turn_agreement(clip: np.ndarray, vad: SileroVad, turn, seed: int = 0) -> tuple[float, bool]:
@@ -211,14 +214,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{sum(barge_in_block(cleaned[s.sample:], vad) is not None for s in clean_starts)} of them long enough to barge in")
 
     user = _espeak(USER_TEXT)
-    detected, lat = 0, []
+    detected, lat, late = 0, [], []
     for k, reply in enumerate(replies * 2):
-        got, ideal = barge_in(long_far[: 10 * PLAYBACK_RATE], reply, user, 1.5 + 0.25 * k, 60 + 20 * k, vad, seed=k)
+        got, ideal, ms = barge_in(long_far[: 10 * PLAYBACK_RATE], reply, user, 1.5 + 0.25 * k, 60 + 20 * k, vad, seed=k)
         if got is not None:
             detected += 1
             lat.append(got - ideal)
-    print(f"barge-ins detected: {detected}/{len(replies) * 2}; cut vs the same speech without echo or AEC "
-          f"(--barge-in-ms 300): {', '.join(f'{x:+d}' for x in lat)} blocks of 32 ms")
+            late.append(ms)
+    print(f"barge-ins detected: {detected}/{len(replies) * 2}; the cut comes {', '.join(f'{x:+d}' for x in lat)} "
+          f"blocks (32 ms) after the same speech without echo or AEC would cut; from speech onset + 300 ms "
+          f"(--barge-in-ms) to the end of the cutting block: {', '.join(f'{x:.0f}' for x in late)} ms")
 
     turn = SmartTurnModel()
     blocks, verdicts = [], 0

@@ -113,8 +113,9 @@ class AecConfig:
     reestimate_s: float = 2.0  # how often the delay is estimated again (while the far end speaks)
     active_fraction: float = 0.3  # share of the window with far-end speech needed for an estimate
     min_peak_ratio: float = 6.0  # GCC-PHAT peak over the correlation's RMS: below, the estimate is kept
-    drift_min_span_s: float = 5.0  # sample counts over at least this long before a rate ratio is trusted
-    max_drift_ppm: float = 1000.0  # larger ratios are not clock drift (a stall, a gap): ignored
+    drift_min_span_s: float = 10.0  # sample counts over at least this long before a clock rate is trusted
+    max_drift_ppm: float = 500.0  # larger rate errors are not crystal drift (a stall, a gap): ignored
+    mic_window_s: float = 5.0  # the microphone's timing: earliest capture time over this many recent seconds
 
     def __post_init__(self) -> None:
         if not 0 < self.max_delay_ms < self.window_s * 1000:
@@ -137,11 +138,16 @@ class RateEstimator:
     def span(self) -> float:
         return self._t[-1] - self._t[0] if len(self._t) > 1 else 0.0
 
-    def rate(self) -> float | None:
-        if len(self._t) < 3:
+    def rate(self, max_error_ppm: float = 20.0) -> float | None:
+        """The slope, once its standard error is below `max_error_ppm` of it (callback times jitter by tens of ms)."""
+        if len(self._t) < 8:
             return None
         t = np.asarray(self._t) - self._t[0]
-        return float(np.polyfit(t, np.asarray(self._n), 1)[0])
+        n = np.asarray(self._n)
+        slope, icpt = np.polyfit(t, n, 1)
+        res = n - (slope * t + icpt)
+        se = np.sqrt(np.sum(res ** 2) / (t.size - 2) / (np.sum((t - t.mean()) ** 2) + 1e-12))
+        return float(slope) if slope > 0 and se / slope * 1e6 < max_error_ppm else None
 
 
 class PlaybackTap:
@@ -163,8 +169,11 @@ class PlaybackTap:
         self._base = 0  # timeline index of self._buf[0]
         self._resamplers: dict[int, soxr.ResampleStream] = {}
         self.samples_played = 0  # at 16 kHz, every report
-        self.rate = RateEstimator()  # the sink's clock: samples vs time within runs
-        self._run_count = 0
+        self.max_drift_ppm = 500.0  # larger rate errors are not crystal drift (stalls, gaps): ignored
+        self.drift_min_span_s = 10.0
+        self.drift_ppm = 0.0  # the sink's clock against the monotonic clock, as compensated
+        self._drift_rs: soxr.ResampleStream | None = None
+        self._new_run()
 
     def played(self, samples: np.ndarray, rate: int, at: float | None = None) -> None:
         """The sink played `samples` (mono, at `rate`) starting at monotonic time `at` (default: now)."""
@@ -174,12 +183,30 @@ class PlaybackTap:
         """What was reported to play from monotonic time `at` on will not play (the sink was flushed)."""
         self._inbox.append((at, 0, None))
 
+    def _new_run(self) -> None:
+        self._run = RateEstimator()  # the sink's clock: 16 kHz samples vs time, within one run
+        self._run_count = 0
+
+    def _update_drift(self) -> None:
+        """A sink whose clock runs off the monotonic clock plays a run longer or shorter than its sample count
+        says: the reference is resampled (soxr) so each run covers the wall time it really took."""
+        if self._run.span() < self.drift_min_span_s:
+            return
+        rate = self._run.rate()
+        if rate is None:
+            return
+        ppm = (rate / CAPTURE_RATE - 1) * 1e6
+        if abs(ppm) > self.max_drift_ppm or abs(ppm - self.drift_ppm) < 10:
+            return
+        self.drift_ppm = ppm
+        self._drift_rs = soxr.ResampleStream(CAPTURE_RATE, CAPTURE_RATE * CAPTURE_RATE / rate, 1, dtype="float32", quality="QQ")
+        log.info("AEC: the speaker's clock is %.0f ppm off; reference resampled", ppm)
+
     def _place(self, at: float, rate: int, x: np.ndarray | None) -> None:
         if x is None:
             keep = max(0, round((at - self.origin) * CAPTURE_RATE) - self._base)
             self._buf = self._buf[:keep]
-            self.rate = RateEstimator()
-            self._run_count = 0
+            self._new_run()
             return
         if rate != CAPTURE_RATE:
             rs = self._resamplers.get(rate)
@@ -188,17 +215,19 @@ class PlaybackTap:
                 # leave the reference behind the microphone; the reference only has to resemble the echo.
                 rs = self._resamplers[rate] = soxr.ResampleStream(rate, CAPTURE_RATE, 1, dtype="float32", quality="QQ")
             x = rs.resample_chunk(x)
+        self._run_count += x.size
+        self._run.add(at + x.size / CAPTURE_RATE, self._run_count)
+        self.samples_played += x.size
+        self._update_drift()
+        if self._drift_rs is not None:
+            x = self._drift_rs.resample_chunk(x)
         end = self._base + self._buf.size
         pos = round((at - self.origin) * CAPTURE_RATE)
         if pos > end + self.SNAP:  # a gap: silence, and a new run for the rate estimate
             self._buf = np.concatenate([self._buf, np.zeros(pos - end, np.float32), x])
-            self.rate = RateEstimator()
-            self._run_count = 0
+            self._new_run()
         else:
             self._buf = np.concatenate([self._buf, x])
-        self._run_count += x.size
-        self.rate.add(at + x.size / CAPTURE_RATE, self._run_count)
-        self.samples_played += x.size
 
     def take(self, until: float) -> np.ndarray:
         """The reference from where the last take ended up to monotonic time `until` (zeros where nothing played)."""
@@ -234,7 +263,8 @@ class AecStats:
     frames: int = 0
     delay_ms: float | None = None  # the latest accepted estimate
     delay_estimates: int = 0
-    drift_ppm: float = 0.0  # reference resampling applied: + when the mic clock runs fast
+    speaker_drift_ppm: float = 0.0  # the speaker's clock against the monotonic clock, compensated in the tap
+    mic_drift_ppm: float = 0.0  # the microphone's, compensated in the pairing
     ref_underflows: int = 0  # mic frames with no reference yet (zeros used)
 
 
@@ -255,10 +285,12 @@ class EchoCancelledSource:
         self._hist_ref = collections.deque(maxlen=hist // FRAME)
         self._hist_mic = collections.deque(maxlen=hist // FRAME)
         self._next_estimate = int(config.reestimate_s * 100)
+        tap.drift_min_span_s, tap.max_drift_ppm = config.drift_min_span_s, config.max_drift_ppm
         self._mic_count = 0
         self._mic_rate = RateEstimator()
-        self._ratio = 1.0  # mic rate / reference rate the resampler applies
-        self._drift_rs: soxr.ResampleStream | None = None
+        self._mic_hz = float(CAPTURE_RATE)  # the microphone's real rate, once estimated
+        self._reads: collections.deque[tuple[float, int]] = collections.deque()  # (monotonic time, samples so far)
+        self._mic = np.zeros(0, np.float32)  # raw mic samples waiting for their reference
 
     @property
     def stats(self) -> StreamStats:
@@ -285,39 +317,36 @@ class EchoCancelledSource:
 
     # -- internals ----------------------------------------------------------------------------------
 
-    def _reference(self, now: float) -> np.ndarray:
-        ref = self.tap.take(now)
-        self._update_drift()
-        if self._drift_rs is not None:
-            ref = self._drift_rs.resample_chunk(ref)
-        return ref
-
-    def _update_drift(self) -> None:
-        mic, spk = self._mic_rate.rate(), self.tap.rate.rate()
-        span = self.config.drift_min_span_s
-        if mic is None or spk is None or self._mic_rate.span() < span or self.tap.rate.span() < span:
-            return
-        ratio = mic / spk
-        if abs(ratio - 1) * 1e6 > self.config.max_drift_ppm or abs(ratio - self._ratio) * 1e6 < 20:
-            return
-        self._ratio = ratio
-        self.aec.drift_ppm = (ratio - 1) * 1e6
-        # The reference, played on the speaker's clock, resampled onto the microphone's.
-        self._drift_rs = soxr.ResampleStream(CAPTURE_RATE, CAPTURE_RATE * ratio, 1, dtype="float32")
-        log.info("AEC: clock drift %.0f ppm between microphone and speaker; reference resampled", self.aec.drift_ppm)
+    def _mic_time(self, now: float) -> float:
+        """When the newest mic sample was captured. A read returns at or after the capture of its last sample, so
+        the earliest (read time - samples / rate) over the recent reads is the stream's start, free of read jitter;
+        the rate is the microphone's own (its clock drifts from the monotonic clock)."""
+        self._mic_rate.add(now, self._mic_count)
+        if self._mic_rate.span() >= self.config.drift_min_span_s:
+            hz = self._mic_rate.rate()
+            if hz is not None and abs(hz / CAPTURE_RATE - 1) * 1e6 <= self.config.max_drift_ppm:
+                self._mic_hz = hz
+                self.aec.mic_drift_ppm = (hz / CAPTURE_RATE - 1) * 1e6
+        self._reads.append((now, self._mic_count))
+        while self._reads[-1][0] - self._reads[0][0] > self.config.mic_window_s:
+            self._reads.popleft()
+        start = min(t - n / self._mic_hz for t, n in self._reads)
+        return start + self._mic_count / self._mic_hz
 
     def _process(self, mic: np.ndarray, now: float) -> None:
         self._mic_count += mic.size
-        self._mic_rate.add(now, self._mic_count)
-        self._ref = np.concatenate([self._ref, self._reference(now)])
-        frames = mic.size // FRAME
-        if self._ref.size < frames * FRAME:
+        self._ref = np.concatenate([self._ref, self.tap.take(self._mic_time(now))])
+        self._mic = np.concatenate([self._mic, mic])
+        self.aec.speaker_drift_ppm = self.tap.drift_ppm
+        lag = self._mic.size - self._ref.size
+        if lag > 10 * FRAME:  # the reference stays behind (a stalled tap): pair with silence
             self.aec.ref_underflows += 1
-            self._ref = np.concatenate([np.zeros(frames * FRAME - self._ref.size, np.float32), self._ref])
-        # More than 100 ms of reference left over means it ran ahead of the mic: keep the newest.
-        excess = self._ref.size - frames * FRAME - FRAME * 10
-        if excess > 0:
-            self._ref = self._ref[excess:]
+            self._ref = np.concatenate([self._ref, np.zeros(lag, np.float32)])
+        elif lag < -10 * FRAME:  # the mic's timing moved back: the oldest reference is in the past
+            self._ref = self._ref[-lag:]
+        mic, self._mic = self._mic, np.zeros(0, np.float32)
+        frames = min(mic.size, self._ref.size) // FRAME
+        self._mic = mic[frames * FRAME:]
         cleaned = np.empty(frames * FRAME, np.float32)
         for i in range(frames):
             ref, raw = self._ref[i * FRAME:(i + 1) * FRAME], mic[i * FRAME:(i + 1) * FRAME]

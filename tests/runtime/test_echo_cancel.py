@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soxr
-from pulse import sound_card_fixture, speak, stop_process  # noqa: F401  (the sound_card fixture)
+from pulse import align, sound_card_fixture, speak  # noqa: F401  (the sound_card fixture)
 
 from qinyu_edge.runtime.audio_devices import AudioDeviceConfig, DeviceSink, DeviceSource
 from qinyu_edge.runtime.bench_echo import (
@@ -60,7 +60,7 @@ def vad():
 def test_erle_and_delay_estimate(voices, delay_ms):
     room = Room(replies_timeline(voices["replies"] * 2), NO_USER, EchoPath(delay_ms=delay_ms))
     cleaned, src = cancel(room)
-    assert cleaned.size >= room.mic.size
+    assert cleaned.size >= room.mic.size - 512  # all but the last partial read
     assert erle_db(room.mic, cleaned, room.mic.size // 2) > 20
     assert src.aec.delay_estimates > 0 and abs(src.aec.delay_ms - delay_ms) <= 10
 
@@ -84,9 +84,10 @@ def test_no_self_interruptions_over_20_replies(voices, vad):
 @pytest.mark.parametrize("after_s,delay_ms", [(0.8, 60), (2.0, 180)])
 def test_barge_in_on_top_of_echo_is_heard_at_once(voices, vad, after_s, delay_ms):
     lead = replies_timeline(voices["replies"][:2])
-    got, ideal = barge_in(lead, voices["replies"][2], voices["user"], after_s, delay_ms, vad)
+    got, ideal, late_ms = barge_in(lead, voices["replies"][2], voices["user"], after_s, delay_ms, vad)
     assert ideal is not None and got is not None
-    assert abs(got - ideal) <= 1  # the cut comes within one block of where the speech alone would cut
+    assert 0 <= got - ideal <= 2  # at most two blocks after where the speech alone would cut
+    assert late_ms <= 2 * 32  # the cut: onset + --barge-in-ms, plus the VAD's onset lag, within two blocks
 
 
 def test_vad_and_turn_agree_with_aec_on_and_off(voices, vad):
@@ -97,24 +98,28 @@ def test_vad_and_turn_agree_with_aec_on_and_off(voices, vad):
 
 def test_no_reference_passes_the_mic_through(voices, vad):
     """Nothing played (or played on a device we do not see): the microphone reaches the loop unharmed."""
-    clip = np.concatenate([np.zeros(8000, np.float32), voices["user"], np.zeros(8000, np.float32)])
+    clip = np.concatenate([np.zeros(8000, np.float32), voices["turn"], np.zeros(8000, np.float32)])
     room = Room(np.zeros(0, np.float32), clip, EchoPath())
     cleaned, src = cancel(room)
     assert src.aec.delay_ms is None  # no far end: no estimate
     level = lambda x: 10 * np.log10(np.mean(x ** 2))  # noqa: E731
     assert abs(level(cleaned[: room.mic.size]) - level(room.mic)) < 1.0
-    assert len(speech_starts(cleaned, vad)) == len(speech_starts(room.mic, vad)) > 0
+    # The module delays its output by ~8 ms (127 samples) and high-passes it; otherwise the mic is unchanged.
+    lag, corr = align(cleaned, room.mic)
+    assert 0 <= lag <= 160 and corr > 0.6
+    on, off = speech_starts(cleaned, vad), speech_starts(room.mic, vad)
+    assert len(on) == len(off) > 0 and abs(on[0].sample - off[0].sample) <= 512
 
 
 def test_tap_lays_playback_on_the_clock_and_a_cut_takes_it_back():
     t = [0.0]
     tap = PlaybackTap(clock=lambda: t[0])
-    tap.played(np.ones(320, np.float32), 16000, at=0.01)  # 20 ms from 10 ms on
+    tap.played(np.ones(320, np.float32), 16000, at=0.05)  # 20 ms from 50 ms on
     tap.played(np.ones(320, np.float32), 16000, at=0.1)  # a gap: silence between
     tap.cut(0.11)  # flushed: what was to play from 110 ms on never did
     ref = tap.take(0.2)
     assert ref.size == 3200
-    assert ref[:160].max() == 0 and ref[160:480].min() == 1 and ref[480:1600].max() == 0
+    assert ref[:800].max() == 0 and ref[800:1120].min() == 1 and ref[1120:1600].max() == 0
     assert ref[1600:1760].min() == 1 and ref[1760:].max() == 0
     assert tap.take(0.2).size == 0 and tap.take(0.21).size == 160
 
@@ -143,7 +148,7 @@ def test_clock_drift_is_estimated_and_the_reference_resampled(voices):
     out = []
     while (x := src.read(512)) is not None:
         out.append(x)
-    assert abs(src.aec.drift_ppm - 300) < 60
+    assert abs(src.aec.speaker_drift_ppm + 300) < 30 and abs(src.aec.mic_drift_ppm) < 10
     assert erle_db(room.mic, np.concatenate(out), room.mic.size // 2) > 15
 
 
@@ -230,7 +235,9 @@ def test_virtual_card_playback_is_cancelled_from_the_mic(sound_card, voices):
     raw_a, clean_a = np.concatenate(raw), np.concatenate(cleaned)
     assert sink.stats.underruns == 0 and float(np.abs(raw_a).max()) > 0.05  # the reply did reach the mic
     assert src.aec.delay_ms is not None
-    assert erle_db(raw_a, clean_a, raw_a.size // 2) >= 15, src.aec
+    erle = erle_db(raw_a, clean_a, raw_a.size // 2)
+    print(f"virtual card: ERLE {erle:.1f} dB, delay {src.aec.delay_ms} ms")
+    assert erle >= 15, src.aec
 
 
 DEVICE_LOST = """
