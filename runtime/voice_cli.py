@@ -35,7 +35,8 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
                    help="on: start the reply on a tentative end of turn, playing it only once the turn commits")
     p.add_argument("--vad", choices=["default", "official_web"], default="default", help="VAD preset")
     p.add_argument("--duplex", choices=["half", "full"], default="half",
-                   help="half: ignore the mic while speaking (open speakers); full: headset, barge-in on")
+                   help="half: ignore the mic while speaking (open speakers without AEC); full: barge-in on "
+                        "(a headset, or open speakers with chat --aec on)")
     p.add_argument("--barge-in-ms", type=int, default=300, help="user speech during a reply that interrupts it")
     p.add_argument("--voice", help="agent voice name in the bundle")
     p.add_argument("--role", help="role description (role-play)")

@@ -124,6 +124,25 @@ def test_tap_lays_playback_on_the_clock_and_a_cut_takes_it_back():
     assert tap.take(0.2).size == 0 and tap.take(0.21).size == 160
 
 
+def test_file_sink_reports_what_it_plays_and_takes_back_a_flush(tmp_path, voices):
+    from qinyu_edge.runtime.audio_devices import FileSink, FileSource
+    from qinyu_edge.runtime.audio_io import write_wav
+    from qinyu_edge.runtime.echo_cancel import wire_echo_canceller
+
+    write_wav(tmp_path / "in.wav", voices["user"], 16000)
+    sink = FileSink(tmp_path / "out.wav")
+    src, duplex, decision = wire_echo_canceller("on", FileSource(tmp_path / "in.wav"), sink, "full", "pulse", "pulse")
+    assert isinstance(src, EchoCancelledSource) and duplex == "full" and decision.on and sink.tap is src.tap
+    sink.start()
+    sink.write(np.full(32000, 0.5, np.float32))  # 1 s
+    time.sleep(0.3)
+    sink.flush()  # 0.7 s never plays
+    sink.close()
+    time.sleep(0.1)
+    ref = src.tap.take(time.monotonic())
+    assert abs(np.count_nonzero(ref) / 16000 - 0.3) < 0.1
+
+
 def test_clock_drift_is_estimated_and_the_reference_resampled(voices):
     """The speaker's clock runs 300 ppm slow against the microphone's: the reference is stretched to match."""
     est = RateEstimator()
