@@ -693,6 +693,7 @@ class DeviceSink(_DeviceStream):
     def _prepare(self, device_rate: int) -> None:
         self._ring = RingBuffer(int(device_rate * self.config.playback_ring_s))
         self._device_rate = device_rate
+        self._tapped = False  # a new stream: its first block is placed by its time
         self._resampler = self._new_resampler(device_rate)
         self._scratch = np.zeros(0, dtype=np.float32)
 
@@ -709,8 +710,9 @@ class DeviceSink(_DeviceStream):
         buf[:got] = self._scratch[:got, None]
         buf[got:] = 0.0
         self._played_s += got / self._device_rate
-        if self.tap is not None and got:
-            self.tap.played(self._scratch[:got], self._device_rate, self._last_callback)
+        if self.tap is not None:  # every block, silence included: one continuous stream on the device's clock
+            self.tap.played(buf[:, 0], self._device_rate, self._last_callback, contiguous=self._tapped)
+            self._tapped = True
         if got < frames and self._utterance_open:
             st.underruns += 1
             st.underrun_samples += frames - got
@@ -974,10 +976,11 @@ class FileSink:
 
 
 class PlaybackListener(Protocol):
-    """Told what a sink played (mono samples at `rate`, starting at monotonic time `at`); `cut(at)` takes back
+    """Told what a sink played (mono samples at `rate`, starting at monotonic time `at`, or right after the previous
+    report when `contiguous`: a device stream's next block); `cut(at)` takes back
     what was reported to play from `at` on (a flush). Called from a PortAudio callback: it must only copy."""
 
-    def played(self, samples: np.ndarray, rate: int, at: float) -> None: ...
+    def played(self, samples: np.ndarray, rate: int, at: float, contiguous: bool = False) -> None: ...
     def cut(self, at: float) -> None: ...
 
 

@@ -36,6 +36,7 @@ from .audio_devices import CAPTURE_RATE, StreamStats
 log = logging.getLogger(__name__)
 
 FRAME = CAPTURE_RATE // 100  # the APM's 10 ms frame at 16 kHz
+MIN_LEAD = CAPTURE_RATE // 200  # 5 ms: the least the reference must lead its echo by
 AecMode = Literal["on", "off", "auto"]
 # Device names that say the speaker cannot reach the microphone (no echo to cancel).
 HEADSET_WORDS = ("headset", "headphone", "earbud", "earphone", "airpods")
@@ -115,7 +116,7 @@ class AecConfig:
     min_peak_ratio: float = 6.0  # GCC-PHAT peak over the correlation's RMS: below, the estimate is kept
     drift_min_span_s: float = 10.0  # sample counts over at least this long before a clock rate is trusted
     max_drift_ppm: float = 500.0  # larger rate errors are not crystal drift (a stall, a gap): ignored
-    mic_window_s: float = 5.0  # the microphone's timing: earliest capture time over this many recent seconds
+    mic_window_s: float = 30.0  # the microphone's timing: earliest capture time over this many recent seconds
 
     def __post_init__(self) -> None:
         if not 0 < self.max_delay_ms < self.window_s * 1000:
@@ -125,11 +126,18 @@ class AecConfig:
 class RateEstimator:
     """A stream's real sample rate from (monotonic time, samples so far) pairs: the least-squares slope."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip_s: float = 2.0) -> None:
+        # A stream's first seconds are not its steady rate (a playback stream fills its buffers at once).
+        self.skip_s = skip_s
+        self._first: float | None = None
         self._t: list[float] = []
         self._n: list[float] = []
 
     def add(self, t: float, count: int) -> None:
+        if self._first is None:
+            self._first = t
+        if t - self._first < self.skip_s:
+            return
         self._t.append(t)
         self._n.append(float(count))
         if len(self._t) > 4096:  # keep a long baseline, thinned
@@ -154,8 +162,10 @@ class PlaybackTap:
     """What the speaker actually played, on a 16 kHz timeline of the monotonic clock.
 
     `played` is called from a PortAudio callback: it only appends to a deque (atomic under the GIL); the
-    reader resamples and places the audio. Playback reported more than 20 ms after the end of the previous
-    report starts a new run (a gap of silence); within a run, samples are contiguous (the sink's clock).
+    reader resamples and places the audio. A continuous stream (a device's callbacks, silence included)
+    reports `contiguous=True` after its first block: its samples follow each other on the device's clock,
+    whatever the callbacks' timing jitter. Otherwise (a file sink's segments) playback reported more than
+    20 ms after the end of the previous report starts a new run, after a gap of silence.
     """
 
     SNAP = CAPTURE_RATE // 50  # 20 ms
@@ -163,46 +173,39 @@ class PlaybackTap:
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self.origin = clock()
-        # (at, rate, samples), or (at, 0, None) for a cut
-        self._inbox: collections.deque[tuple[float, int, np.ndarray | None]] = collections.deque()
+        # (at, rate, samples, contiguous), or (at, 0, None, False) for a cut
+        self._inbox: collections.deque[tuple[float, int, np.ndarray | None, bool]] = collections.deque()
         self._buf = np.zeros(0, dtype=np.float32)  # timeline from index self._base on
         self._base = 0  # timeline index of self._buf[0]
         self._resamplers: dict[int, soxr.ResampleStream] = {}
         self.samples_played = 0  # at 16 kHz, every report
-        self.max_drift_ppm = 500.0  # larger rate errors are not crystal drift (stalls, gaps): ignored
-        self.drift_min_span_s = 10.0
-        self.drift_ppm = 0.0  # the sink's clock against the monotonic clock, as compensated
+        self.drift_ppm = 0.0  # the sink's clock against the microphone's, as compensated
         self._drift_rs: soxr.ResampleStream | None = None
         self._new_run()
 
-    def played(self, samples: np.ndarray, rate: int, at: float | None = None) -> None:
-        """The sink played `samples` (mono, at `rate`) starting at monotonic time `at` (default: now)."""
-        self._inbox.append((self.clock() if at is None else at, int(rate), np.array(samples, dtype=np.float32).reshape(-1)))
+    def played(self, samples: np.ndarray, rate: int, at: float | None = None, contiguous: bool = False) -> None:
+        """The sink played `samples` (mono, at `rate`) starting at monotonic time `at` (default: now), right
+        after the previous report when `contiguous`."""
+        self._inbox.append((self.clock() if at is None else at, int(rate), np.array(samples, dtype=np.float32).reshape(-1), contiguous))
 
     def cut(self, at: float) -> None:
         """What was reported to play from monotonic time `at` on will not play (the sink was flushed)."""
-        self._inbox.append((at, 0, None))
+        self._inbox.append((at, 0, None, False))
 
     def _new_run(self) -> None:
         self._run = RateEstimator()  # the sink's clock: 16 kHz samples vs time, within one run
         self._run_count = 0
 
-    def _update_drift(self) -> None:
-        """A sink whose clock runs off the monotonic clock plays a run longer or shorter than its sample count
-        says: the reference is resampled (soxr) so each run covers the wall time it really took."""
-        if self._run.span() < self.drift_min_span_s:
-            return
-        rate = self._run.rate()
-        if rate is None:
-            return
-        ppm = (rate / CAPTURE_RATE - 1) * 1e6
-        if abs(ppm) > self.max_drift_ppm or abs(ppm - self.drift_ppm) < 10:
-            return
-        self.drift_ppm = ppm
-        self._drift_rs = soxr.ResampleStream(CAPTURE_RATE, CAPTURE_RATE * CAPTURE_RATE / rate, 1, dtype="float32", quality="QQ")
-        log.info("AEC: the speaker's clock is %.0f ppm off; reference resampled", ppm)
+    def sink_rate(self, min_span_s: float) -> float | None:
+        """The sink's clock in 16 kHz samples per monotonic second, over the current run once it is long enough."""
+        return self._run.rate() if self._run.span() >= min_span_s else None
 
-    def _place(self, at: float, rate: int, x: np.ndarray | None) -> None:
+    def compensate(self, ppm: float) -> None:
+        """Resample what is played from now on by `ppm` (soxr), so it spans the microphone's time it really took."""
+        self.drift_ppm = ppm
+        self._drift_rs = soxr.ResampleStream(CAPTURE_RATE, CAPTURE_RATE / (1 + ppm * 1e-6), 1, dtype="float32", quality="QQ")
+
+    def _place(self, at: float, rate: int, x: np.ndarray | None, contiguous: bool) -> None:
         if x is None:
             keep = max(0, round((at - self.origin) * CAPTURE_RATE) - self._base)
             self._buf = self._buf[:keep]
@@ -218,12 +221,11 @@ class PlaybackTap:
         self._run_count += x.size
         self._run.add(at + x.size / CAPTURE_RATE, self._run_count)
         self.samples_played += x.size
-        self._update_drift()
         if self._drift_rs is not None:
             x = self._drift_rs.resample_chunk(x)
         end = self._base + self._buf.size
         pos = round((at - self.origin) * CAPTURE_RATE)
-        if pos > end + self.SNAP:  # a gap: silence, and a new run for the rate estimate
+        if not contiguous and pos > end + self.SNAP:  # a gap: silence, and a new run for the rate estimate
             self._buf = np.concatenate([self._buf, np.zeros(pos - end, np.float32), x])
             self._new_run()
         else:
@@ -246,16 +248,17 @@ class PlaybackTap:
 
 
 def gcc_phat(ref: np.ndarray, mic: np.ndarray, max_lag: int) -> tuple[int, float]:
-    """(lag in samples by which `mic` trails `ref`, peak over the correlation's RMS) by GCC-PHAT."""
+    """(lag in samples by which `mic` trails `ref`, -max_lag..max_lag; peak over the correlation's RMS) by GCC-PHAT."""
     nfft = 1 << (ref.size + mic.size - 1).bit_length()
     r, m = np.fft.rfft(ref, nfft), np.fft.rfft(mic, nfft)
     cross = m * np.conj(r)
     # Whitening bins where the reference has no energy would only add noise to the correlation.
     power = np.abs(r) ** 2
     cross = np.where(power > power.max() * 1e-4, cross / (np.abs(cross) + 1e-12), 0)
-    cc = np.fft.irfft(cross, nfft)[: max_lag + 1]
-    lag = int(np.argmax(cc))
-    return lag, float(cc[lag] / (np.sqrt(np.mean(cc ** 2)) + 1e-12))
+    cc = np.fft.irfft(cross, nfft)
+    cc = np.concatenate([cc[-max_lag:], cc[: max_lag + 1]])  # lags -max_lag .. max_lag
+    i = int(np.argmax(cc))
+    return i - max_lag, float(cc[i] / (np.sqrt(np.mean(cc ** 2)) + 1e-12))
 
 
 @dataclass
@@ -263,9 +266,9 @@ class AecStats:
     frames: int = 0
     delay_ms: float | None = None  # the latest accepted estimate
     delay_estimates: int = 0
-    speaker_drift_ppm: float = 0.0  # the speaker's clock against the monotonic clock, compensated in the tap
-    mic_drift_ppm: float = 0.0  # the microphone's, compensated in the pairing
+    drift_ppm: float = 0.0  # the speaker's clock against the microphone's: the reference is resampled by it
     ref_underflows: int = 0  # mic frames with no reference yet (zeros used)
+    realigned: int = 0  # times the reference was found behind the echo and moved
 
 
 class EchoCancelledSource:
@@ -285,12 +288,11 @@ class EchoCancelledSource:
         self._hist_ref = collections.deque(maxlen=hist // FRAME)
         self._hist_mic = collections.deque(maxlen=hist // FRAME)
         self._next_estimate = int(config.reestimate_s * 100)
-        tap.drift_min_span_s, tap.max_drift_ppm = config.drift_min_span_s, config.max_drift_ppm
         self._mic_count = 0
         self._mic_rate = RateEstimator()
-        self._mic_hz = float(CAPTURE_RATE)  # the microphone's real rate, once estimated
         self._reads: collections.deque[tuple[float, int]] = collections.deque()  # (monotonic time, samples so far)
         self._mic = np.zeros(0, np.float32)  # raw mic samples waiting for their reference
+        self._skip_ref = 0  # reference samples still to drop (realignment)
 
     @property
     def stats(self) -> StreamStats:
@@ -317,27 +319,38 @@ class EchoCancelledSource:
 
     # -- internals ----------------------------------------------------------------------------------
 
+    def _update_drift(self) -> None:
+        """The speaker's and the microphone's clocks, each measured against the monotonic clock; when both are
+        known and differ (crystal drift), the reference is resampled onto the microphone's clock."""
+        span = self.config.drift_min_span_s
+        spk = self.tap.sink_rate(span)
+        mic = self._mic_rate.rate() if self._mic_rate.span() >= span else None
+        if spk is None or mic is None:
+            return
+        ppm = (spk / mic - 1) * 1e6
+        if abs(ppm) <= self.config.max_drift_ppm and abs(ppm - self.tap.drift_ppm) >= 20:
+            self.tap.compensate(ppm)
+            self.aec.drift_ppm = ppm
+            log.info("AEC: the speaker's clock runs %.0f ppm off the microphone's; reference resampled", ppm)
+
     def _mic_time(self, now: float) -> float:
         """When the newest mic sample was captured. A read returns at or after the capture of its last sample, so
-        the earliest (read time - samples / rate) over the recent reads is the stream's start, free of read jitter;
-        the rate is the microphone's own (its clock drifts from the monotonic clock)."""
+        the earliest (read time - samples / 16 kHz) over the recent reads is the stream's start, free of read jitter."""
         self._mic_rate.add(now, self._mic_count)
-        if self._mic_rate.span() >= self.config.drift_min_span_s:
-            hz = self._mic_rate.rate()
-            if hz is not None and abs(hz / CAPTURE_RATE - 1) * 1e6 <= self.config.max_drift_ppm:
-                self._mic_hz = hz
-                self.aec.mic_drift_ppm = (hz / CAPTURE_RATE - 1) * 1e6
+        self._update_drift()
         self._reads.append((now, self._mic_count))
         while self._reads[-1][0] - self._reads[0][0] > self.config.mic_window_s:
             self._reads.popleft()
-        start = min(t - n / self._mic_hz for t, n in self._reads)
-        return start + self._mic_count / self._mic_hz
+        start = min(t - n / CAPTURE_RATE for t, n in self._reads)
+        return start + self._mic_count / CAPTURE_RATE
 
     def _process(self, mic: np.ndarray, now: float) -> None:
         self._mic_count += mic.size
         self._ref = np.concatenate([self._ref, self.tap.take(self._mic_time(now))])
+        if self._skip_ref:
+            n = min(self._skip_ref, self._ref.size)
+            self._ref, self._skip_ref = self._ref[n:], self._skip_ref - n
         self._mic = np.concatenate([self._mic, mic])
-        self.aec.speaker_drift_ppm = self.tap.drift_ppm
         lag = self._mic.size - self._ref.size
         if lag > 10 * FRAME:  # the reference stays behind (a stalled tap): pair with silence
             self.aec.ref_underflows += 1
@@ -380,6 +393,16 @@ class EchoCancelledSource:
         if ratio < cfg.min_peak_ratio:
             log.debug("AEC: delay estimate rejected (peak ratio %.1f)", ratio)
             return
+        if lag < MIN_LEAD:
+            # The echo comes before its reference (a late first playback callback put the reference late): the
+            # canceller cannot use a reference from the future, so the reference is moved ahead to lead by 10 ms.
+            # (The mic then waits for its reference that much longer: the added latency is `skip`.)
+            self._skip_ref += 2 * MIN_LEAD - lag
+            self._hist_ref.clear()
+            self._hist_mic.clear()
+            self.aec.realigned += 1
+            log.info("AEC: the reference trailed the echo by %.0f ms; moved ahead", -lag * 1000 / CAPTURE_RATE)
+            lag = 2 * MIN_LEAD
         delay = lag * 1000 / CAPTURE_RATE
         if self.aec.delay_ms is None or abs(delay - self.aec.delay_ms) > 2:
             log.info("AEC: echo delay %.0f ms (GCC-PHAT peak ratio %.1f)", delay, ratio)

@@ -65,6 +65,16 @@ def test_erle_and_delay_estimate(voices, delay_ms):
     assert src.aec.delay_estimates > 0 and abs(src.aec.delay_ms - delay_ms) <= 10
 
 
+def test_a_reference_placed_after_its_echo_is_moved_ahead(voices):
+    """A late first playback callback anchors the reference 60 ms late: the echo (20 ms) comes before it."""
+    room = Room(replies_timeline(voices["replies"] * 2), NO_USER, EchoPath(delay_ms=20))
+    real = room.tap.played
+    room.tap.played = lambda x, rate, at: real(x, rate, at + 0.06)
+    cleaned, src = cancel(room)
+    assert src.aec.realigned >= 1 and src.aec.delay_ms == 10.0
+    assert erle_db(room.mic, cleaned, room.mic.size // 2) > 20
+
+
 def test_reference_at_another_rate_is_resampled(voices):
     """A speaker opened at 48 kHz reports 48 kHz samples: the tap brings them to 16 kHz."""
     room = Room(replies_timeline(voices["replies"] * 2), NO_USER, EchoPath(delay_ms=120), tap_rate=48000)
@@ -167,7 +177,7 @@ def test_clock_drift_is_estimated_and_the_reference_resampled(voices):
     out = []
     while (x := src.read(512)) is not None:
         out.append(x)
-    assert abs(src.aec.speaker_drift_ppm + 300) < 30 and abs(src.aec.mic_drift_ppm) < 10
+    assert abs(src.aec.drift_ppm + 300) < 30
     assert erle_db(room.mic, np.concatenate(out), room.mic.size // 2) > 15
 
 
