@@ -684,6 +684,7 @@ class DeviceSink(_DeviceStream):
         self._played_s = 0.0
         self._lock = threading.Lock()
         self._epoch = 0  # bumped by flush(): writes from before it stop
+        self.tap: PlaybackListener | None = None  # told what each callback played (the echo canceller's reference)
 
     def _new_resampler(self, device_rate: int):
         if device_rate == PLAYBACK_RATE:
@@ -693,6 +694,7 @@ class DeviceSink(_DeviceStream):
     def _prepare(self, device_rate: int) -> None:
         self._ring = RingBuffer(int(device_rate * self.config.playback_ring_s))
         self._device_rate = device_rate
+        self._tapped = False  # a new stream: its first block is placed by its time
         self._resampler = self._new_resampler(device_rate)
         self._scratch = np.zeros(0, dtype=np.float32)
 
@@ -709,6 +711,9 @@ class DeviceSink(_DeviceStream):
         buf[:got] = self._scratch[:got, None]
         buf[got:] = 0.0
         self._played_s += got / self._device_rate
+        if self.tap is not None:  # every block, silence included: one continuous stream on the device's clock
+            self.tap.played(buf[:, 0], self._device_rate, self._last_callback, contiguous=self._tapped)
+            self._tapped = True
         if got < frames and self._utterance_open:
             st.underruns += 1
             st.underrun_samples += frames - got
@@ -877,6 +882,7 @@ class FileSink:
         self._lock = threading.Lock()
         self._played_at_close = 0.0
         self.stats = StreamStats(device=f"file:{self.path}", device_rate=PLAYBACK_RATE, channels=1)
+        self.tap: PlaybackListener | None = None  # told what plays when (real time and speed 1 only)
 
     def start(self) -> None:
         if self._clock is None:
@@ -904,6 +910,8 @@ class FileSink:
                 self.stats.underrun_samples += start - self._end
             self._segments.append((start, x))
             self._end = start + x.size
+            if self.tap is not None:
+                self.tap.played(x, PLAYBACK_RATE, clock.t0 + start / PLAYBACK_RATE / self._speed)
             self._utterance_open = True
             self.stats.callbacks += 1
 
@@ -921,6 +929,8 @@ class FileSink:
             dropped = self._end - now
             self._segments = [(start, x[: now - start]) for start, x in self._segments if start < now]
             self._end = now
+            if self.tap is not None:
+                self.tap.cut(self._clock.t0 + now / PLAYBACK_RATE / self._speed)
         return dropped / PLAYBACK_RATE
 
     def drain(self, timeout: float | None = None) -> bool:
@@ -965,6 +975,15 @@ class FileSink:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class PlaybackListener(Protocol):
+    """Told what a sink played (mono samples at `rate`, starting at monotonic time `at`, or right after the previous
+    report when `contiguous`: a device stream's next block); `cut(at)` takes back
+    what was reported to play from `at` on (a flush). Called from a PortAudio callback: it must only copy."""
+
+    def played(self, samples: np.ndarray, rate: int, at: float, contiguous: bool = False) -> None: ...
+    def cut(self, at: float) -> None: ...
 
 
 class AudioSource(Protocol):
@@ -1012,6 +1031,7 @@ __all__ = [
     "DeviceSource",
     "FileSink",
     "FileSource",
+    "PlaybackListener",
     "RingBuffer",
     "StreamStats",
     "find_device",

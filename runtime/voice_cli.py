@@ -37,7 +37,8 @@ def _loop_args(p: argparse.ArgumentParser) -> None:
                    help="on: start the reply on a tentative end of turn, playing it only once the turn commits")
     p.add_argument("--vad", choices=["default", "official_web"], default="default", help="VAD preset")
     p.add_argument("--duplex", choices=["half", "full"], default="half",
-                   help="half: ignore the mic while speaking (open speakers); full: headset, barge-in on")
+                   help="half: ignore the mic while speaking (open speakers without AEC); full: barge-in on "
+                        "(a headset, or open speakers with chat --aec on)")
     p.add_argument("--barge-in-ms", type=COUNT, default=300, help="user speech during a reply that interrupts it")
     p.add_argument("--voice", help="agent voice name in the bundle")
     p.add_argument("--role", help="role description (role-play)")
@@ -216,6 +217,7 @@ def _chat(args: argparse.Namespace, dev, sup) -> int:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_ENGINES
     source, sink = DeviceSource(dev), DeviceSink(dev)
+    source, args.duplex = _echo_cancel(args, dev, source, sink)
     turn_log = _TurnLog(args.log)
     status = {"state": "listening", "last": "-"}
     loop = None
@@ -256,6 +258,23 @@ def _chat(args: argparse.Namespace, dev, sup) -> int:
     return sup.exit_code
 
 
+def _echo_cancel(args: argparse.Namespace, dev, source, sink):
+    """(the source the loop reads, the duplex mode) after --aec: with AEC on the mic is cleaned of our own voice."""
+    from .audio_devices import AudioDeviceError, find_device
+    from .echo_cancel import AecConfig, wire_echo_canceller
+
+    names = []
+    for spec, kind in ((dev.input_device, "input"), (dev.output_device, "output")):
+        try:  # the device's real name tells a headset; an absent device is reported when the loop opens it
+            names.append(find_device(spec, kind, dev.backend).name)
+        except AudioDeviceError:
+            names.append(spec)
+    source, duplex, decision = wire_echo_canceller(args.aec, source, sink, args.duplex, *names,
+                                                   AecConfig(noise_suppression=args.noise_suppression))
+    print(f"echo cancellation {'on' if decision.on else 'off'} ({decision.reason}); {duplex} duplex", file=sys.stderr)
+    return source, duplex
+
+
 def add_parsers(sub) -> None:
     d = sub.add_parser("demo", help="the embedded default: the whole voice loop on a shipped spoken WAV, tiny preset")
     d.add_argument("--preset", choices=["tiny-4b", "tiny-8b"], default="tiny-8b",
@@ -276,6 +295,10 @@ def add_parsers(sub) -> None:
     c.add_argument("--backend", choices=["sounddevice", "pyaudio"], default="sounddevice")
     c.add_argument("--input-device", help="microphone: index or (part of a) name; default: the system's")
     c.add_argument("--output-device", help="speaker: index or (part of a) name; default: the system's")
+    c.add_argument("--aec", choices=["on", "off", "auto"], default="auto",
+                   help="acoustic echo cancellation (livekit's WebRTC AEC3); auto: on unless the devices are a "
+                        "headset (a name with headset/headphone/earbud). With it on, --duplex full works on open speakers")
+    c.add_argument("--noise-suppression", action="store_true", help="WebRTC noise suppression on the microphone")
     _loop_args(c)
     c.set_defaults(func=cmd_chat)
     # Last: every chat option added above is also a key of the --config file.

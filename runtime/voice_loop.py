@@ -49,8 +49,8 @@ class State(str, Enum):
 
 @dataclass(frozen=True)
 class LoopConfig:
-    # half: the microphone is ignored while the assistant speaks (safe on open speakers, no echo
-    # canceller); full: a headset, where user speech during playback is a barge-in.
+    # half: the microphone is ignored while the assistant speaks (safe on open speakers without an echo
+    # canceller); full: user speech during playback is a barge-in (a headset, or AEC: runtime/echo_cancel.py).
     duplex: Literal["half", "full"] = "half"
     barge_in_min_ms: int = 300  # user speech this long during a reply interrupts it
     # Start generating on a tentative end of turn, playing only once the turn commits.
