@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 
 from qinyu_edge.bundle import DECODE, Bundle, ComponentSpec, load_bundle
-from qinyu_edge.config import PREFILL_CHUNK, SPEAKER_DIM
+from qinyu_edge.config import PREFILL_CHUNK, SPEAKER_DIM, CamPPConfig
 from qinyu_edge.engine_manifest import SHARED_SCRATCH_COMPONENTS, EngineError, EngineSet
 from qinyu_edge.errors import BundleError, CheckpointError
 
@@ -46,6 +46,13 @@ class EngineOptions:
     # A greedy decode step as one call: the bundle's fused `decode` graph and its host embedding
     # table where it has them. False runs the separate graphs (calibration taps each of them).
     fused: bool = True
+
+
+def campplus_vector(session: Session, cfg: CamPPConfig, wav_16k: np.ndarray) -> np.ndarray:
+    """CAM++ 192-d vector of a clip: mean over its 10 s chunks (circularly filled), as upstream."""
+    chunks = campplus_chunks(wav_16k, cfg.chunk_seconds, cfg.max_seconds)
+    feats = np.stack([campplus_fbank(c, cfg.feat_dim) for c in chunks]).astype(np.float32)
+    return session.run({"fbank": feats})["embedding"].mean(axis=0)
 
 
 class Engine:
@@ -171,11 +178,7 @@ class Engine:
         return features.shape[0] + (4 if self.config.keep_query_rows else 0)
 
     def speaker_vector(self, wav_16k: np.ndarray) -> np.ndarray:
-        """CAM++ 192-d vector of a clip: mean over its 10 s chunks (circularly filled), as upstream."""
-        cfg = self.config.campplus
-        chunks = campplus_chunks(wav_16k, cfg.chunk_seconds, cfg.max_seconds)
-        feats = np.stack([campplus_fbank(c, cfg.feat_dim) for c in chunks]).astype(np.float32)
-        return self.sessions["campplus"].run({"fbank": feats})["embedding"].mean(axis=0)
+        return campplus_vector(self.sessions["campplus"], self.config.campplus, wav_16k)
 
     def voice(self, name_or_vector: str | np.ndarray) -> np.ndarray:
         if isinstance(name_or_vector, str):
