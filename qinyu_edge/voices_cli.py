@@ -90,9 +90,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     voices = VoiceStore(args.bundle).voices()
     if not voices:
         print(f"{args.bundle} has no agent voices; add one with `qinyu-edge voice design` or `voice add`")
-    width = max((len(n) for n in voices), default=0)
+    from rich.cells import cell_len  # Chinese names are two cells wide per character
+
+    width = max((cell_len(n) for n in voices), default=0)
     for voice in voices.values():
-        print(f"{voice.name:<{width}}  {voice.describe()}")
+        print(voice.name + " " * (width - cell_len(voice.name) + 2) + voice.describe())
     return 0
 
 
