@@ -36,8 +36,9 @@ from transformers import Qwen3Config, Qwen3Model
 from qinyu_edge.errors import CheckpointError
 from qinyu_edge.fileio import atomic_path, atomic_write_text
 from qinyu_edge.role_text import check_role, normalise_role
+from qinyu_edge.voice_sampling import REAL, TINY, VoiceDesignConfig, design_noise
 
-from .models.voice_design import REAL, TINY, VoiceDesignConfig, VoiceDesignHead, design_noise
+from .models.voice_design import VoiceDesignHead
 from .state_dict import atomic_torch_save, load_strict, torch_load
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qinyu_edge.errors import CheckpointError
-from qinyu_edge.export.models.voice_design import REAL, TINY, VoiceDesignHead, time_grid
+from qinyu_edge.export.models.voice_design import VoiceDesignHead
+from qinyu_edge.voice_sampling import REAL, TINY, time_grid
 from qinyu_edge.export.state_dict import atomic_torch_save, torch_load
 from qinyu_edge.export.voice_design import (
     CHECKPOINT_FILE, TEXT_ENCODER_DIR, load_text_encoder, load_voice_designer, load_voicedesign,
