@@ -36,10 +36,12 @@ class _Condition(nn.Module):
         return self.head.condition(hidden[:, -1])
 
 
-class _Velocity(nn.Module):
-    def __init__(self, designer: VoiceDesigner):
+class Velocity(nn.Module):
+    """The estimator with its all-ones mask folded away, on [B, 192] rows."""
+
+    def __init__(self, estimator: nn.Module):
         super().__init__()
-        self.estimator = designer.head.estimator
+        self.estimator = estimator
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         x = x.unsqueeze(-1)
@@ -61,7 +63,7 @@ def export_voice_design(designer: VoiceDesigner, out: str | Path, role: str = "è
                             {"input_ids": {1: "tokens"}})
     g = torch.Generator().manual_seed(0)
     x, cond, t = torch.randn(2, 192, generator=g), torch.randn(2, 192, generator=g), torch.tensor([0.3])
-    estimator = export_onnx(_Velocity(designer).eval(), (x, t, cond), out / ESTIMATOR_FILE, ["x", "t", "cond"],
+    estimator = export_onnx(Velocity(designer.head.estimator).eval(), (x, t, cond), out / ESTIMATOR_FILE, ["x", "t", "cond"],
                             ["velocity"], {"x": {0: "batch"}, "cond": {0: "batch"}, "velocity": {0: "batch"}})
     tokenizer = out / TOKENIZER_FILE
     designer.tokenizer.save(str(tokenizer))
@@ -71,7 +73,7 @@ def export_voice_design(designer: VoiceDesigner, out: str | Path, role: str = "è
             CONDITION_FILE: max(compare(run_onnx(condition, {"input_ids": i.numpy()}),
                                         {"condition": _Condition(designer)(i).numpy()})[0].rel for i in (ids, other)),
             ESTIMATOR_FILE: compare(run_onnx(estimator, {"x": x.numpy(), "t": t.numpy(), "cond": cond.numpy()}),
-                                    {"velocity": _Velocity(designer)(x, t, cond).numpy()})[0].rel,
+                                    {"velocity": Velocity(designer.head.estimator)(x, t, cond).numpy()})[0].rel,
         }
     log.info("VoiceDesign graphs in %s, parity %s", out, parity)
     return VoiceGraphs(condition, estimator, tokenizer, parity)
