@@ -10,6 +10,7 @@ voices already there are carried over bit for bit.
 from __future__ import annotations
 
 import fcntl
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -118,13 +119,23 @@ class VoiceStore:
             load_bundle(self.root)  # unchanged since we opened it, or changed consistently by another writer
             yield
 
+    def add_files(self, folder: Path, names: tuple[str, ...]) -> None:
+        """Move finished files from `folder` (inside the bundle, so a rename) into it and hash them."""
+        with self._locked():
+            for name in names:
+                os.replace(folder / name, self.root / name)
+            self._record(names, self.bundle.origin)
+
     def _write(self, vectors: dict[str, np.ndarray], origins: dict[str, Any]) -> None:
-        bundle = self.bundle
         with atomic_path(self.root / SPEAKERS_FILE) as tmp:
             save_file(vectors, str(tmp))
+        self._record((SPEAKERS_FILE,), {**self.bundle.origin, "voices": origins})
+
+    def _record(self, names: tuple[str, ...], origin: dict[str, Any]) -> None:
+        bundle = self.bundle
         try:
-            files = {**bundle.files, **file_entries(self.root, [SPEAKERS_FILE])}
-            write_manifest(replace(bundle, files=files, origin={**bundle.origin, "voices": origins}))
+            files = {**bundle.files, **file_entries(self.root, list(names))}
+            write_manifest(replace(bundle, files=files, origin=origin))
         except OSError as e:
-            raise BundleError(f"{self.root / SPEAKERS_FILE} was rewritten but bundle.json could not be ({e}); "
+            raise BundleError(f"{', '.join(names)} written in {self.root} but bundle.json could not be ({e}); "
                               "free space or fix permissions, then run the command again") from e

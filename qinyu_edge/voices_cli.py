@@ -34,20 +34,52 @@ def _print_added(store: VoiceStore, voice: Voice) -> None:
         print("nearest shipped voices by cosine: " + ", ".join(f"{n} {c:+.3f}" for n, c in near))
 
 
+def _designer(args: argparse.Namespace, store: VoiceStore):
+    """The PyTorch designer from --voicedesign, or the tiny preset for a tiny bundle; and where it came from."""
+    from .export.voice_design import load_voice_designer, tiny_voice_designer
+
+    if args.voicedesign is not None:
+        return load_voice_designer(args.voicedesign, args.text_encoder), str(args.voicedesign)
+    if store.bundle.config.tiny:
+        print(f"{store.bundle.config.name} is a tiny preset: using the tiny VoiceDesign preset")
+        return tiny_voice_designer(), "tiny preset (random weights)"
+    raise ConfigError("this bundle is a real model: pass --voicedesign DIR (VITA-QinYu-Models/voicedesign, "
+                      "holding voicedesign.pt) and --text-encoder DIR (the Qwen3-Embedding-0.6B folder)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Put VoiceDesign's ONNX graphs into the bundle, so the device designs voices without torch."""
+    import shutil
+    import tempfile
+
+    from .export.bundle_export import PARITY_TOLERANCE
+    from .export.voice_design_onnx import export_voice_design
+    from .runtime.voice_designer import DESIGNER_FILES
+
+    store = VoiceStore(args.bundle)
+    designer, source = _designer(args, store)
+    tmp = Path(tempfile.mkdtemp(dir=store.root, prefix=".voice-graphs."))
+    try:
+        graphs = export_voice_design(designer, tmp)
+        worst = max(graphs.parity.values())
+        if worst > PARITY_TOLERANCE:
+            raise QinyuError(f"VoiceDesign ONNX parity {graphs.parity} exceeds {PARITY_TOLERANCE:g}; nothing was "
+                             "added to the bundle. This is a bug in the export: please report it.")
+        store.add_files(tmp, DESIGNER_FILES)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name, rel in graphs.parity.items():
+        print(f"{name}: parity rel {rel:.1e} against PyTorch")
+    print(f"VoiceDesign graphs from {source} added to {store.root}: `qinyu-edge chat --role ...` without --voice "
+          "now designs the agent's voice at start")
+    return 0
+
+
 def cmd_design(args: argparse.Namespace) -> int:
     role = check_role(args.role)
     store = VoiceStore(args.bundle)
     store.check_new_name(args.name, args.force)  # before minutes of loading weights
-    from .export.voice_design import load_voice_designer, tiny_voice_designer
-
-    if args.voicedesign is not None:
-        designer, source = load_voice_designer(args.voicedesign, args.text_encoder), str(args.voicedesign)
-    elif store.bundle.config.tiny:
-        designer, source = tiny_voice_designer(), "tiny preset (random weights)"
-        print(f"{store.bundle.config.name} is a tiny preset: designing with the tiny VoiceDesign preset")
-    else:
-        raise ConfigError("this bundle is a real model: pass --voicedesign DIR (VITA-QinYu-Models/voicedesign, "
-                          "holding voicedesign.pt) and --text-encoder DIR (the Qwen3-Embedding-0.6B folder)")
+    designer, source = _designer(args, store)
     vector = designer.design(role, args.seed)
     voice = store.add(args.name, vector, {"source": "text", "role": role, "seed": args.seed, "designer": source},
                       force=args.force)
@@ -104,6 +136,11 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _designer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--voicedesign", type=Path, help="folder with voicedesign.pt (default on a tiny bundle: the tiny preset)")
+    p.add_argument("--text-encoder", type=Path, help="Qwen3-Embedding-0.6B folder (default: VOICEDESIGN/Qwen3-Embedding-0.6B)")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("voice", help="the agent voices of a bundle: design from text, add from a clip, list, remove")
     vsub = v.add_subparsers(dest="voice_command", required=True)
@@ -114,9 +151,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--name", required=True, help="the new voice's name")
     d.add_argument("--seed", type=int, default=0, help="the sampler's noise; same text and seed give the same voice")
     d.add_argument("--force", action="store_true", help="replace a designed or added voice of that name")
-    d.add_argument("--voicedesign", type=Path, help="folder with voicedesign.pt (default on a tiny bundle: the tiny preset)")
-    d.add_argument("--text-encoder", type=Path, help="Qwen3-Embedding-0.6B folder (default: VOICEDESIGN/Qwen3-Embedding-0.6B)")
+    _designer_args(d)
     d.set_defaults(func=cmd_design)
+
+    x = vsub.add_parser("export", help="add VoiceDesign's ONNX graphs to a bundle (torch-free designs on the device)")
+    x.add_argument("--bundle", type=Path, required=True, help="model bundle folder")
+    _designer_args(x)
+    x.set_defaults(func=cmd_export)
 
     a = vsub.add_parser("add", help="a new agent voice from a reference clip (its CAM++ embedding)")
     a.add_argument("--bundle", type=Path, required=True, help="model bundle folder")

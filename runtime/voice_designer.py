@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from qinyu_edge.bundle import Bundle
 from qinyu_edge.role_text import check_role, normalise_role
 from qinyu_edge.voice_sampling import REAL, VoiceDesignConfig, design_noise, time_grid
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 CONDITION_FILE = "voice_condition.onnx"
 ESTIMATOR_FILE = "voice_estimator.onnx"
 TOKENIZER_FILE = "voice_tokenizer.json"
+DESIGNER_FILES = (CONDITION_FILE, ESTIMATOR_FILE, TOKENIZER_FILE)
 
 
 @dataclass(frozen=True)
@@ -72,3 +74,23 @@ class OnnxVoiceDesigner:
 
     def close(self) -> None:
         self._condition = self._estimator = None
+
+
+def bundle_has_designer(bundle: Bundle) -> bool:
+    return all(name in bundle.files for name in DESIGNER_FILES)
+
+
+def design_for_bundle(bundle: Bundle, role: str, seed: int = 0) -> np.ndarray | None:
+    """A voice for `role` from the bundle's designer graphs (None where the bundle carries none); the
+    graphs are closed before returning, so the conversation gets their memory back."""
+    if not bundle_has_designer(bundle):
+        return None
+    designer = OnnxVoiceDesigner(bundle.root)
+    try:
+        vector = designer.design(role, seed)
+    finally:
+        designer.close()
+    log.info("no --voice given: designed the agent's voice from the role description (seed %d, %.0f ms); "
+             "keep it with `qinyu-edge voice design --name NAME`", seed,
+             designer.timings.condition_ms + designer.timings.estimator_ms)
+    return vector

@@ -37,3 +37,35 @@ def test_onnx_design_matches_pytorch(exported, role, seed):
     onnx.close()
     with pytest.raises(RuntimeError, match="closed"):
         onnx.design(role, seed)
+
+
+def test_bundle_designs_at_start_token_identical(tmp_path, caplog):
+    """`voice export` puts the graphs in a bundle; the voice they design at chat start drives role-play
+    generation to the same tokens as the PyTorch design through the PyTorch reference loop."""
+    import logging
+    import shutil
+
+    from qinyu_edge.cli import main
+    from qinyu_edge.export.bundle_export import preset_bundle
+    from qinyu_edge.export.qinyu_checkpoint import load_preset
+    from qinyu_edge.export.reference import ReferenceTurn, reference_conversation
+    from qinyu_edge.runtime.conversation import Conversation
+    from qinyu_edge.runtime.engine import Engine
+    from qinyu_edge.runtime.voice_designer import bundle_has_designer, design_for_bundle
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(preset_bundle("tiny-4b"), bundle)
+    assert design_for_bundle(Engine(bundle).bundle, ROLE) is None  # no graphs: the default voice serves
+    assert main(["voice", "export", "--bundle", str(bundle)]) == 0
+    engine = Engine(bundle)  # every file, the new graphs included, matches its hash
+    assert bundle_has_designer(engine.bundle)
+    with caplog.at_level(logging.INFO):
+        voice = design_for_bundle(engine.bundle, ROLE)
+    assert "designed the agent's voice from the role description" in caplog.text
+    turn = ReferenceTurn(text="Who are you?")
+    ours = Conversation(engine, mode="roleplay", voice=voice, role_description=ROLE, max_new_tokens=32).ask(
+        None, turn.text)
+    ref, = reference_conversation(load_preset("tiny-4b"), [turn], mode="roleplay",
+                                  voice=tiny_voice_designer().design(ROLE, 0), role_description=ROLE,
+                                  max_new_tokens=32, max_context=engine.cache.capacity)
+    assert ours.tokens == ref.tokens and ours.stop == ref.stop
