@@ -214,6 +214,8 @@ class PlanOptions:
     max_turn_seconds: float = 60.0  # longest user turn held in the capture buffer
     # The runtime gives SHARED_SCRATCH_COMPONENTS one context memory; False counts each on its own.
     shared_scratch: bool = True
+    # Count VoiceDesign's two graphs (chat --role designing a voice at start; they close after it).
+    voice_design: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,12 @@ def memory_items(cfg: ModelConfig, target: Target, recipe: Recipe, context: int,
         + codebooks * ELEMENT_BYTES["fp32" if r.xy_decoder == "fp32" else "fp16"],
         f"{XY_DECODE_PARAMS / 1e6:.1f}M params at {r.xy_decoder} + {codebooks / 1e6:.1f}M codebook entries")
     add("weights", "CAM++", CAMPP_PARAMS * bytes_per_param(r.campplus, s), f"{CAMPP_PARAMS / 1e6:.2f}M params at {r.campplus}")
+    if options.voice_design:
+        from .voice_design_plan import voice_design_cost
+
+        cost = voice_design_cost(target, r.activation_precision)
+        add("weights", "VoiceDesign (start-up only)", cost.weight_bytes,
+            f"embedding model + DiT at {r.activation_precision}, closed after the design (~{cost.total_ms:.0f} ms)")
 
     # KV cache.
     per_token = kv_bytes_per_token(cfg, r.kv_cache)  # type: ignore[arg-type]

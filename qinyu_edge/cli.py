@@ -194,9 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .device import bench_cli, cli as device_cli
     from .engines import cli as engines_cli, cli_doctor, quant_cli
     from .runtime import voice_cli
-    from . import assistant_config, service
+    from . import assistant_config, service, voices_cli
 
-    for module in (voice_cli, device_cli, bench_cli, cli_doctor, engines_cli, quant_cli, assistant_config, service):
+    for module in (voice_cli, device_cli, bench_cli, cli_doctor, engines_cli, quant_cli, assistant_config, service, voices_cli):
         module.add_parsers(sub)
     return p
 

@@ -24,7 +24,7 @@ from qinyu_edge.bundle import (
     check_runnable,
     load_bundle,
 )
-from qinyu_edge.config import PREFILL_CHUNK, SPEAKER_DIM
+from qinyu_edge.config import PREFILL_CHUNK, SPEAKER_DIM, CamPPConfig
 from qinyu_edge.engine_manifest import SHARED_SCRATCH_COMPONENTS, EngineError, EngineSet
 from qinyu_edge.errors import BundleError, CheckpointError
 from qinyu_edge.validate import check_context
@@ -63,6 +63,13 @@ def _read(bundle: Bundle, name: str, reader):
     except Exception as e:  # tokenizers and safetensors raise their own exception types
         raise BundleError(f"{path} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                           "the bundle is damaged. Copy it again or export it again.") from e
+
+
+def campplus_vector(session: Session, cfg: CamPPConfig, wav_16k: np.ndarray) -> np.ndarray:
+    """CAM++ 192-d vector of a clip: mean over its 10 s chunks (circularly filled), as upstream."""
+    chunks = campplus_chunks(wav_16k, cfg.chunk_seconds, cfg.max_seconds)
+    feats = np.stack([campplus_fbank(c, cfg.feat_dim) for c in chunks]).astype(np.float32)
+    return session.run({"fbank": feats})["embedding"].mean(axis=0)
 
 
 class Engine:
@@ -192,11 +199,7 @@ class Engine:
         return features.shape[0] + (4 if self.config.keep_query_rows else 0)
 
     def speaker_vector(self, wav_16k: np.ndarray) -> np.ndarray:
-        """CAM++ 192-d vector of a clip: mean over its 10 s chunks (circularly filled), as upstream."""
-        cfg = self.config.campplus
-        chunks = campplus_chunks(wav_16k, cfg.chunk_seconds, cfg.max_seconds)
-        feats = np.stack([campplus_fbank(c, cfg.feat_dim) for c in chunks]).astype(np.float32)
-        return self.sessions["campplus"].run({"fbank": feats})["embedding"].mean(axis=0)
+        return campplus_vector(self.sessions["campplus"], self.config.campplus, wav_16k)
 
     def voice(self, name_or_vector: str | np.ndarray) -> np.ndarray:
         if isinstance(name_or_vector, str):

@@ -64,7 +64,12 @@ def _build(args: argparse.Namespace, bundle: Path, source, sink, on_event):
     engine = Engine(bundle, EngineOptions(backend="trt" if args.engines else "ort",
                                           engines=str(args.engines) if args.engines else None))
     mode = "roleplay" if args.role else "conversation"
-    conv = Conversation(engine, mode=mode, voice=args.voice, role_description=args.role,
+    voice = args.voice
+    if args.role and voice is None:
+        from .voice_designer import design_for_bundle
+
+        voice = design_for_bundle(engine.bundle, args.role)
+    conv = Conversation(engine, mode=mode, voice=voice, role_description=args.role,
                         num_history=args.num_history, max_new_tokens=args.max_new_tokens, schedule=schedule)
     policy = EndpointPolicy(min_silence_ms=args.min_silence_ms, max_silence_ms=args.max_silence_ms)
     detector = TurnDetector(VadConfig.preset(args.vad), TurnConfig(kind=args.turn, silence_timeout_ms=args.silence_ms, endpoint=policy))

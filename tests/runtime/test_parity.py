@@ -100,3 +100,13 @@ def test_long_clip_speaker_vector_is_the_mean_over_chunks(both):
     ours = engine.speaker_vector(wav)
     ref = campplus_embedding(model.campplus, wav)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_roleplay_with_designed_voice(both, speech):
+    from qinyu_edge.export.voice_design import tiny_voice_designer
+
+    role = "该角色是一个「中」年「男」性， 性格「温和爽朗」"
+    voice = tiny_voice_designer().design(role, seed=7)
+    ours, ref = run_both(*both, [ReferenceTurn(speech[0])], mode="roleplay", voice=voice, role=role)
+    assert_same(ours, ref)
+    assert len(ours[0].tokens) > 0
