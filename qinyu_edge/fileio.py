@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import QinyuError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -68,3 +70,16 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def require_free_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    """Refuse to start writing `what` (`needed` bytes) under `folder` when its disk has less free."""
+    probe = Path(folder).resolve()
+    while not probe.exists():  # the folder itself may not exist yet: ask its nearest existing parent
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise QinyuError(
+            f"{what} needs {needed / 1e9:.2f} GB of disk under {probe}, but only {free / 1e9:.2f} GB is free there. "
+            "Free some space or write to a folder on a larger disk."
+        )
