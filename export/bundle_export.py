@@ -36,7 +36,7 @@ from qinyu_edge.bundle import (
 )
 from qinyu_edge.engines.decode_graphs import check_decode, derive as derive_decode
 from qinyu_edge.errors import QinyuError
-from qinyu_edge.fileio import replace_dir
+from qinyu_edge.fileio import replace_dir, require_free_space
 
 from .models.backbone import Qwen3Backbone
 from .models.heads import HeadsGreedy, HeadsLogits
@@ -252,6 +252,14 @@ def _ort_variants(model: QinYuModel, comps: list[Component], folder: Path, max_c
     return variants
 
 
+def bundle_bytes(comps: list[Component]) -> int:
+    """About what the bundle takes on disk: every component's weights in fp32, plus the decode
+    graphs' copy of the largest matrix (the embedding table); the ORT variant shares its weights."""
+    sizes = [sum(t.numel() * 4 for t in c.module.state_dict().values()) for c in comps]
+    largest = max((t.numel() * 4 for c in comps for t in c.module.state_dict().values()), default=0)
+    return sum(sizes) + largest
+
+
 class ParityError(QinyuError):
     pass
 
@@ -269,6 +277,7 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
     try:
         comps = components(model, max_context)
+        require_free_space(out.parent, bundle_bytes(comps), f"the bundle {out}")
         specs: dict[str, ComponentSpec] = {}
         rows: list[dict[str, object]] = []
         timings: dict[str, float] = {}

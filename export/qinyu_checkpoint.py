@@ -38,6 +38,7 @@ from qinyu_edge.errors import CheckpointError, ConfigError
 from qinyu_edge.fileio import atomic_path, atomic_write_text
 from qinyu_edge.tokens import TokenLayout
 
+from .checkpoint_checks import FP16_MAX, check_dtypes, fp16_overflow, truncation
 from .models.backbone import build_backbone
 from .models.campplus import CAMPPlus
 from .models.heads import Embedding, Heads
@@ -155,7 +156,8 @@ def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
                 for key in f.keys():
                     state[key] = f.get_tensor(key)
         except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-            raise CheckpointError(f"{folder / shard} is not a readable safetensors file ({e}). Re-download it.") from e
+            why = truncation(folder / shard) or str(e)
+            raise CheckpointError(f"{folder / shard} is not a readable safetensors file ({why}). Re-download it.") from e
     if weight_map is not None:
         lost = sorted(k for k in weight_map if k not in state)
         if lost:
@@ -205,6 +207,11 @@ def load_qinyu(checkpoint: str | os.PathLike, sensevoice: str | os.PathLike, mod
     )
 
     state = read_safetensors_folder(ckpt)
+    overflow = fp16_overflow(state)
+    if overflow:
+        # Not an error: the fp32 export keeps them; an fp16 engine would turn them into inf.
+        log.warning("%d tensor(s) hold values beyond fp16's range (+-%g): %s", len(overflow), FP16_MAX,
+                    ", ".join(f"{k}: {n} value(s)" for k, n in sorted(overflow.items())))
     fix = "use the unmodified VITA-QinYu checkpoint folder that matches its config.json"
     encoder = SenseVoiceEncoder(sv_cfg, keep_query_rows=cfg.keep_query_rows)
     sv_state = _sub(state, SENSEVOICE_PREFIX)
@@ -235,6 +242,7 @@ def load_qinyu(checkpoint: str | os.PathLike, sensevoice: str | os.PathLike, mod
             expected[f"audio_heads.{i}.weight"] = (cfg.ids_per_book, hidden)
     # fused_audio_head (4B, use_audio_heads) is a concatenation of audio_heads: redundant.
     check_keys(expected, rest, f"checkpoint {ckpt}", fix, ignore_prefixes=("fused_audio_head.",))
+    check_dtypes(state, raw.get("torch_dtype"), f"checkpoint {ckpt}")
     load_strict(audio_projector, _sub(rest, "model.audio_projection."), str(ckpt), fix)
     load_strict(speaker_projector, _sub(rest, "model.speaker_projection."), str(ckpt), fix)
     backbone_state = {k: v for k, v in _sub(rest, "model.").items()
@@ -256,7 +264,7 @@ def load_qinyu(checkpoint: str | os.PathLike, sensevoice: str | os.PathLike, mod
         backbone=backbone.float(), embedding=Embedding(embed), heads=Heads(lm_head, layout, cfg.repetition_penalty, audio_heads),
         xy=xy.float(), campplus=campplus.float(), speakers=speakers,
         origin={"checkpoint": str(ckpt.resolve()), "sensevoice": str(sv_dir.resolve()), "models": str(models_dir.resolve()),
-                "sensevoice_weights": sv_source},
+                "sensevoice_weights": sv_source, "fp16_overflow": overflow},
     )
     return model.eval()
 
