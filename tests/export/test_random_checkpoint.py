@@ -116,3 +116,13 @@ def test_cli_exports_random_weights_and_removes_the_scratch_checkpoint(tmp_path)
     manifest = json.loads((out / "bundle.json").read_text())
     assert manifest["config"]["backbone"]["num_layers"] == 2 and manifest["parity"]["ok"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+@pytest.mark.slow
+def test_real_width_4b_with_two_layers_loads_through_the_real_loader(tmp_path):
+    """1.6 GB of shards and ~9 GB of memory for load_qinyu (which still builds fp32 modules)."""
+    assert main(["export", "--random-weights", "qinyu-4b", "--layers", "2", "--checkpoint-only", str(tmp_path / "f")]) == 0
+    f = tmp_path / "f"
+    model = load_qinyu(f / "checkpoint", f / "sensevoice", f / "models", name="qinyu-4b")
+    assert model.backbone.embed_tokens.weight.shape == (136544, 2560)
+    assert model.config.backbone.num_layers == 2 and model.config.audio_projector.input_size == 512
