@@ -346,13 +346,19 @@ def write_checkpoint_text(cfg: ModelConfig, tok: Tokenizer, ckpt: Path) -> None:
 def write_side_folders(cfg: ModelConfig, encoder: SenseVoiceEncoder, sv: Path, models: Path, seed: int) -> None:
     """The SenseVoiceSmall folder (from `encoder`, random CMVN) and the models folder (random XY
     decoder, CAM++ and three voices), each in its released layout."""
-    sv.mkdir(parents=True, exist_ok=True)
-    models.mkdir(parents=True, exist_ok=True)
     g = np.random.default_rng(seed)
+    write_sensevoice_side(cfg, encoder, sv, g)
+    write_models_folder(cfg, models, seed, g)
+
+
+def write_sensevoice_side(cfg: ModelConfig, encoder: SenseVoiceEncoder, sv: Path, g: np.random.Generator) -> None:
     shift = (-g.normal(0, 1, cfg.sensevoice.input_size) - 10).astype(np.float32)
     scale = (1.0 / g.uniform(2.0, 4.0, cfg.sensevoice.input_size)).astype(np.float32)
     write_sensevoice_folder(encoder, cfg.sensevoice, shift, scale, sv)
 
+
+def write_models_folder(cfg: ModelConfig, models: Path, seed: int, g: np.random.Generator) -> None:
+    models.mkdir(parents=True, exist_ok=True)
     xy = XYDecoder(cfg.xy)
     _randomize(xy, seed)
     write_xy_checkpoint(xy, cfg.xy, models / XY_CKPT)
