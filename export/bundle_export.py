@@ -252,14 +252,16 @@ def _ort_variants(model: QinYuModel, comps: list[Component], folder: Path, max_c
     return variants
 
 
+def bundle_bytes(comps: list[Component]) -> int:
+    """About what the bundle takes on disk: every component's weights in fp32, plus the decode
+    graphs' copy of the largest matrix (the embedding table); the ORT variant shares its weights."""
+    sizes = [sum(t.numel() * 4 for t in c.module.state_dict().values()) for c in comps]
+    largest = max((t.numel() * 4 for c in comps for t in c.module.state_dict().values()), default=0)
+    return sum(sizes) + largest
+
+
 class ParityError(QinyuError):
     pass
-
-
-def _fp32_weight_bytes(model: QinYuModel) -> int:
-    """A lower bound of the bundle's size (each weight once, as fp32), to refuse a too-full disk up front."""
-    modules = [m for m in vars(model).values() if isinstance(m, torch.nn.Module)]
-    return 4 * sum(p.numel() for m in modules for p in m.parameters())
 
 
 def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False,
@@ -272,8 +274,8 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
     cfg = model.config
     max_context = (min(cfg.backbone.max_position_embeddings, 8192) if max_context is None
                    else check_max_context(max_context, cfg.backbone.max_position_embeddings))
-    with staged_dir(out, force, need_bytes=_fp32_weight_bytes(model)) as tmp:
-        comps = components(model, max_context)
+    comps = components(model, max_context)
+    with staged_dir(out, force, need_bytes=bundle_bytes(comps)) as tmp:
         specs: dict[str, ComponentSpec] = {}
         rows: list[dict[str, object]] = []
         timings: dict[str, float] = {}

@@ -35,9 +35,10 @@ from qinyu_edge.config import (
     SPEAKER_DIM, BackboneConfig, CamPPConfig, ModelConfig, ProjectorConfig, preset, with_vocab,
 )
 from qinyu_edge.errors import CheckpointError, ConfigError
-from qinyu_edge.fileio import atomic_write_text
+from qinyu_edge.fileio import atomic_path, atomic_write_text
 from qinyu_edge.tokens import TokenLayout
 
+from .checkpoint_checks import FP16_MAX, check_dtypes, fp16_overflow, truncation
 from .models.backbone import build_backbone
 from .models.campplus import CAMPPlus
 from .models.heads import Embedding, Heads
@@ -155,7 +156,8 @@ def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
                 for key in f.keys():
                     state[key] = f.get_tensor(key)
         except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-            raise CheckpointError(f"{folder / shard} is not a readable safetensors file ({e}). Re-download it.") from e
+            why = truncation(folder / shard) or str(e)
+            raise CheckpointError(f"{folder / shard} is not a readable safetensors file ({why}). Re-download it.") from e
     if weight_map is not None:
         lost = sorted(k for k in weight_map if k not in state)
         if lost:
@@ -205,6 +207,11 @@ def load_qinyu(checkpoint: str | os.PathLike, sensevoice: str | os.PathLike, mod
     )
 
     state = read_safetensors_folder(ckpt)
+    overflow = fp16_overflow(state)
+    if overflow:
+        # Not an error: the fp32 export keeps them; an fp16 engine would turn them into inf.
+        log.warning("%d tensor(s) hold values beyond fp16's range (+-%g): %s", len(overflow), FP16_MAX,
+                    ", ".join(f"{k}: {n} value(s)" for k, n in sorted(overflow.items())))
     fix = "use the unmodified VITA-QinYu checkpoint folder that matches its config.json"
     encoder = SenseVoiceEncoder(sv_cfg, keep_query_rows=cfg.keep_query_rows)
     sv_state = _sub(state, SENSEVOICE_PREFIX)
@@ -235,6 +242,7 @@ def load_qinyu(checkpoint: str | os.PathLike, sensevoice: str | os.PathLike, mod
             expected[f"audio_heads.{i}.weight"] = (cfg.ids_per_book, hidden)
     # fused_audio_head (4B, use_audio_heads) is a concatenation of audio_heads: redundant.
     check_keys(expected, rest, f"checkpoint {ckpt}", fix, ignore_prefixes=("fused_audio_head.",))
+    check_dtypes(state, raw.get("torch_dtype"), f"checkpoint {ckpt}")
     load_strict(audio_projector, _sub(rest, "model.audio_projection."), str(ckpt), fix)
     load_strict(speaker_projector, _sub(rest, "model.speaker_projection."), str(ckpt), fix)
     backbone_state = {k: v for k, v in _sub(rest, "model.").items()
@@ -256,7 +264,7 @@ def load_qinyu(checkpoint: str | os.PathLike, sensevoice: str | os.PathLike, mod
         backbone=backbone.float(), embedding=Embedding(embed), heads=Heads(lm_head, layout, cfg.repetition_penalty, audio_heads),
         xy=xy.float(), campplus=campplus.float(), speakers=speakers,
         origin={"checkpoint": str(ckpt.resolve()), "sensevoice": str(sv_dir.resolve()), "models": str(models_dir.resolve()),
-                "sensevoice_weights": sv_source},
+                "sensevoice_weights": sv_source, "fp16_overflow": overflow},
     )
     return model.eval()
 
@@ -325,6 +333,43 @@ def _save_shards(state: dict[str, torch.Tensor], folder: Path, n_shards: int = 2
     atomic_write_text(folder / INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
+def write_checkpoint_text(cfg: ModelConfig, tok: Tokenizer, ckpt: Path) -> None:
+    """config.json, tokenizer.json and tokenizer_config.json of a VITA-QinYu checkpoint folder."""
+    layout = TokenLayout.from_tokenizer(tok)
+    atomic_write_text(ckpt / "config.json", json.dumps(_official_config_json(cfg, layout), indent=2))
+    with atomic_path(ckpt / "tokenizer.json", suffix=".json") as tmp:
+        tok.save(str(tmp))
+    atomic_write_text(ckpt / "tokenizer_config.json", json.dumps(
+        {"model_max_length": cfg.backbone.max_position_embeddings, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+
+
+def write_side_folders(cfg: ModelConfig, encoder: SenseVoiceEncoder, sv: Path, models: Path, seed: int) -> None:
+    """The SenseVoiceSmall folder (from `encoder`, random CMVN) and the models folder (random XY
+    decoder, CAM++ and three voices), each in its released layout."""
+    g = np.random.default_rng(seed)
+    write_sensevoice_side(cfg, encoder, sv, g)
+    write_models_folder(cfg, models, seed, g)
+
+
+def write_sensevoice_side(cfg: ModelConfig, encoder: SenseVoiceEncoder, sv: Path, g: np.random.Generator) -> None:
+    shift = (-g.normal(0, 1, cfg.sensevoice.input_size) - 10).astype(np.float32)
+    scale = (1.0 / g.uniform(2.0, 4.0, cfg.sensevoice.input_size)).astype(np.float32)
+    write_sensevoice_folder(encoder, cfg.sensevoice, shift, scale, sv)
+
+
+def write_models_folder(cfg: ModelConfig, models: Path, seed: int, g: np.random.Generator) -> None:
+    models.mkdir(parents=True, exist_ok=True)
+    xy = XYDecoder(cfg.xy)
+    _randomize(xy, seed)
+    write_xy_checkpoint(xy, cfg.xy, models / XY_CKPT)
+    del xy  # the real-size decoder is 1 GB in fp32: free it before CAM++ is built
+    campplus = CAMPPlus(cfg.campplus)
+    _randomize(campplus, seed)
+    write_campplus(campplus, models / CAMPPLUS_BIN)
+    voices = {name: g.normal(0, 1, SPEAKER_DIM).astype(np.float32) for name in ("tian", "2619-王承恩", "narrator")}
+    write_official_speaker_dict(voices, models / SPEAKERS_PT)
+
+
 def write_tiny_folders(preset_name: str, root: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
     """Write `checkpoint/`, `sensevoice/` and `models/` for a tiny preset, in the real layouts."""
     base = preset(preset_name)
@@ -332,7 +377,6 @@ def write_tiny_folders(preset_name: str, root: str | os.PathLike, seed: int = 0)
         raise ConfigError(f"{preset_name} is a real-size config: its weights come from a checkpoint, not a preset.")
     root = Path(root)
     tok = build_tiny_tokenizer()
-    layout = TokenLayout.from_tokenizer(tok)
     cfg = with_vocab(base, padded_vocab_size(tok))
     torch.manual_seed(seed)
     encoder = SenseVoiceEncoder(cfg.sensevoice, keep_query_rows=cfg.keep_query_rows)
@@ -355,27 +399,10 @@ def write_tiny_folders(preset_name: str, root: str | os.PathLike, seed: int = 0)
         module.load_state_dict({k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}, strict=False)
 
     ckpt, sv, models = root / "checkpoint", root / "sensevoice", root / "models"
-    for d in (ckpt, sv, models):
-        d.mkdir(parents=True, exist_ok=True)
+    ckpt.mkdir(parents=True, exist_ok=True)
     _save_shards(state, ckpt)
-    atomic_write_text(ckpt / "config.json", json.dumps(_official_config_json(cfg, layout), indent=2))
-    tok.save(str(ckpt / "tokenizer.json"))
-    atomic_write_text(ckpt / "tokenizer_config.json", json.dumps(
-        {"model_max_length": cfg.backbone.max_position_embeddings, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
-
-    g = np.random.default_rng(seed)
-    shift = (-g.normal(0, 1, cfg.sensevoice.input_size) - 10).astype(np.float32)
-    scale = (1.0 / g.uniform(2.0, 4.0, cfg.sensevoice.input_size)).astype(np.float32)
-    write_sensevoice_folder(encoder, cfg.sensevoice, shift, scale, sv)
-
-    xy = XYDecoder(cfg.xy)
-    _randomize(xy, seed)
-    write_xy_checkpoint(xy, cfg.xy, models / XY_CKPT)
-    campplus = CAMPPlus(cfg.campplus)
-    _randomize(campplus, seed)
-    write_campplus(campplus, models / CAMPPLUS_BIN)
-    voices = {name: g.normal(0, 1, SPEAKER_DIM).astype(np.float32) for name in ("tian", "2619-王承恩", "narrator")}
-    write_official_speaker_dict(voices, models / SPEAKERS_PT)
+    write_checkpoint_text(cfg, tok, ckpt)
+    write_side_folders(cfg, encoder, sv, models, seed)
     return {"checkpoint": ckpt, "sensevoice": sv, "models": models}
 
 

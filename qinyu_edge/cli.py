@@ -18,7 +18,6 @@ log = logging.getLogger("qinyu_edge")
 def cmd_export(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .export.bundle_export import export_bundle
     from .export.qinyu_checkpoint import load_preset, load_qinyu
 
     console = Console(stderr=True)
@@ -26,6 +25,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         from .config import preset
 
         check_max_context(args.max_context, preset(args.preset).backbone.max_position_embeddings)
+    if args.random_weights:
+        from .export.random_checkpoint import random_folders
+
+        with random_folders(args, console) as folders:
+            if folders is None:
+                return 0
+            return _export(load_qinyu(folders["checkpoint"], folders["sensevoice"], folders["models"],
+                                      name=args.random_weights, tiny=args.random_weights.startswith("tiny")), args, console)
+    if args.out is None:
+        raise QinyuError("give --out: the bundle folder to create")
     if args.preset:
         console.print(f"building preset [bold]{args.preset}[/bold] (random weights, seed {args.seed}) in the real checkpoint layout")
         model = load_preset(args.preset, seed=args.seed)
@@ -35,6 +44,12 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise QinyuError(f"--checkpoint needs {' and '.join('--' + m for m in missing)} too "
                              "(the SenseVoiceSmall folder and the VITA-QinYu-Models folder).")
         model = load_qinyu(args.checkpoint, args.sensevoice, args.xy)
+    return _export(model, args, console)
+
+
+def _export(model, args: argparse.Namespace, console) -> int:
+    from .export.bundle_export import export_bundle
+
     bundle = export_bundle(model, args.out, force=args.force, max_context=args.max_context, console=console)
     console.print(f"bundle written to [bold]{bundle.root}[/bold]: {len(bundle.components)} components, "
                   f"worst parity rel error {bundle.parity['worst_rel']:.2e}")
@@ -156,9 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=["tiny-4b", "tiny-8b"], help="a tiny preset with random weights")
     src.add_argument("--checkpoint", type=Path, help="VITA-QinYu-8B or -4B model folder")
+    src.add_argument("--random-weights", choices=["qinyu-4b", "qinyu-8b", "tiny-4b", "tiny-8b"],
+                     help="write random weights in the real checkpoint layout, tensor by tensor, then export them "
+                          "(checks a machine's memory and disk before downloading the real weights)")
+    e.add_argument("--checkpoint-only", type=Path, metavar="DIR",
+                   help="with --random-weights: write the checkpoint, sensevoice and models folders under DIR and stop")
+    e.add_argument("--layers", type=COUNT, help="with --random-weights: fewer decoder layers, same widths")
     e.add_argument("--sensevoice", type=Path, help="SenseVoiceSmall folder (model.pt, config.yaml, am.mvn)")
     e.add_argument("--xy", type=Path, help="VITA-QinYu-Models folder (xy_tokenizer.ckpt + yaml, campplus_cn_common.bin, spk2embeds_roleplay.pt)")
-    e.add_argument("--out", type=Path, required=True, help="bundle folder to create")
+    e.add_argument("--out", type=Path, help="bundle folder to create")
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
     e.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of a preset's random weights")
     e.add_argument("--max-context", type=COUNT, default=None, help="longest context the shape ranges allow")

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import QinyuError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -95,13 +97,17 @@ def check_writable(path: str | os.PathLike, need_bytes: int = 0, what: str = "ou
 
 
 def check_free_space(path: str | os.PathLike, need_bytes: int, what: str = "output") -> None:
-    """Refuse before the work, not after it, when the disk `path` goes to has less than `need_bytes` free."""
+    """Refuse before the work, not after it, when the disk `path` goes to has less than `need_bytes` free.
+    `path` and its parents need not exist yet: the nearest existing one's disk is asked."""
     from .errors import OutputError
 
-    free = shutil.disk_usage(Path(path).parent).free
+    probe = Path(path).resolve().parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
     if free < need_bytes:
-        raise OutputError(f"the {what} {path} needs about {need_bytes / 2**20:.0f} MiB but only {free / 2**20:.0f} "
-                          f"MiB are free on that disk. Free some space or choose another folder.")
+        raise OutputError(f"the {what} {path} needs {need_bytes / 1e9:.2f} GB of disk under {probe}, but only "
+                          f"{free / 1e9:.2f} GB are free there. Free some space or write to a folder on a larger disk.")
 
 
 def remove_path(path: str | os.PathLike) -> None:

@@ -74,7 +74,7 @@ def test_finished_folders_follow_the_umask(tmp_path):
 
 
 def test_too_full_a_disk_is_refused_before_the_work(tmp_path):
-    with pytest.raises(OutputError, match="needs about .* MiB but only .* MiB are free"):
+    with pytest.raises(OutputError, match="needs .* GB of disk under .* but only .* GB are free"):
         with staged_dir(tmp_path / "b", force=False, need_bytes=1 << 60):
             pytest.fail("the work started")
     assert list(tmp_path.iterdir()) == []

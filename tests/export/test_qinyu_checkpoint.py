@@ -157,7 +157,7 @@ def test_separate_audio_heads_are_loaded_when_the_config_enables_them(folders, t
     (f["checkpoint"] / "config.json").write_text(json.dumps(cfg))
     hidden = cfg["hidden_size"]
     g = torch.Generator().manual_seed(0)
-    heads = {f"audio_heads.{i}.weight": torch.randn(1032, hidden, generator=g) for i in range(7)}
+    heads = {f"audio_heads.{i}.weight": torch.randn(1032, hidden, generator=g).bfloat16() for i in range(7)}
     extra = f["checkpoint"] / "model-audio-heads.safetensors"
     save_file(heads, str(extra))
     index = json.loads((f["checkpoint"] / INDEX).read_text())
@@ -169,7 +169,7 @@ def test_separate_audio_heads_are_loaded_when_the_config_enables_them(folders, t
     hist = torch.full((1, 5), -1)
     ids = model.heads.greedy(hidden_state, hist)[0]
     for k in range(1, 8):
-        want = model.layout.book_start(k) + int(torch.argmax(heads[f"audio_heads.{k - 1}.weight"] @ hidden_state[0]))
+        want = model.layout.book_start(k) + int(torch.argmax(heads[f"audio_heads.{k - 1}.weight"].float() @ hidden_state[0]))
         assert int(ids[k]) == want
     # Without the keys the same config is an error that names them.
     for k in heads:
@@ -178,3 +178,67 @@ def test_separate_audio_heads_are_loaded_when_the_config_enables_them(folders, t
     extra.unlink()
     with pytest.raises(CheckpointError, match="audio_heads.0.weight"):
         load(f, name)
+
+
+def test_truncated_shard_is_named_and_no_bundle_is_written(folders, tmp_path, capsys):
+    from qinyu_edge.cli import main
+
+    name, f = folders
+    f = copy_folders(f, tmp_path)
+    shard = sorted(f["checkpoint"].glob("*.safetensors"))[0]
+    size = shard.stat().st_size
+    with open(shard, "r+b") as fh:
+        fh.truncate(size - 1000)
+    with pytest.raises(CheckpointError, match=rf"{shard.name} .*truncated: {size - 1000} bytes of the {size}"):
+        load(f, name)
+    out = tmp_path / "bundle"
+    assert main(["export", "--checkpoint", str(f["checkpoint"]), "--sensevoice", str(f["sensevoice"]),
+                 "--xy", str(f["models"]), "--out", str(out)]) == 2
+    assert "truncated" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "models", "sensevoice"]
+
+
+def test_tensors_of_another_dtype_are_named(folders, tmp_path):
+    name, f = folders
+    f = copy_folders(f, tmp_path)
+    keys = []
+
+    def retype(state):
+        keys.extend(sorted(k for k in state if k.startswith("model.layers.0."))[:2])
+        state[keys[0]] = state[keys[0]].to(torch.float16)
+        state[keys[1]] = state[keys[1]].to(torch.float32)
+
+    _edit_shard(f["checkpoint"], retype)
+    with pytest.raises(CheckpointError, match="2 tensor.* not bfloat16 as config.json declares") as e:
+        load(f, name)
+    assert f"{keys[0]} (float16)" in str(e.value) and f"{keys[1]} (float32)" in str(e.value)
+
+
+def test_values_beyond_fp16_are_reported_per_tensor(folders, tmp_path, caplog):
+    name, f = folders
+    f = copy_folders(f, tmp_path)
+    keys = []
+
+    def enlarge(state):
+        keys.append(sorted(k for k in state if k.startswith("model.layers.0.") and state[k].dim() == 2)[0])
+        flat = state[keys[0]].view(-1)
+        flat[:3] = torch.tensor([1e5, -7e4, 3e38], dtype=torch.bfloat16)
+
+    _edit_shard(f["checkpoint"], enlarge)
+    with caplog.at_level("WARNING"):
+        model = load(f, name)
+    assert model.origin["fp16_overflow"] == {keys[0]: 3}
+    assert f"{keys[0]}: 3 value(s)" in caplog.text and "fp16" in caplog.text
+
+
+def test_too_little_disk_names_the_need_and_the_folder(tmp_path):
+    import shutil
+
+    from qinyu_edge.errors import QinyuError
+    from qinyu_edge.fileio import check_free_space
+
+    free = shutil.disk_usage(tmp_path).free
+    check_free_space(tmp_path / "new" / "bundle", free // 2, "bundle")
+    with pytest.raises(QinyuError, match=rf"the bundle {tmp_path}/new/bundle needs {(free + 10**12) / 1e9:.2f} GB "
+                                         rf"of disk under {tmp_path}"):
+        check_free_space(tmp_path / "new" / "bundle", free + 10**12, "bundle")
