@@ -298,6 +298,10 @@ class EchoCancelledSource:
     def stats(self) -> StreamStats:
         return self.source.stats
 
+    @property
+    def paced(self) -> bool:
+        return self.source.paced
+
     def start(self) -> None:
         self.source.start()
 

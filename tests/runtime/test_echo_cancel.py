@@ -143,6 +143,8 @@ def test_file_sink_reports_what_it_plays_and_takes_back_a_flush(tmp_path, voices
     sink = FileSink(tmp_path / "out.wav")
     src, duplex, decision = wire_echo_canceller("on", FileSource(tmp_path / "in.wav"), sink, "full", "pulse", "pulse")
     assert isinstance(src, EchoCancelledSource) and duplex == "full" and decision.on and sink.tap is src.tap
+    assert src.paced  # the voice loop asks every source whether it reads at the capture pace
+    assert not EchoCancelledSource(FileSource(tmp_path / "in.wav", realtime=False), src.tap).paced
     sink.start()
     sink.write(np.full(32000, 0.5, np.float32))  # 1 s
     time.sleep(0.3)
