@@ -40,6 +40,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--shared-embedding", action="store_true",
                    help="with --embedding-graph, tied models: gather embedding rows from the lm_head weights instead "
                         "of a second copy")
+    p.add_argument("--voice-design", action="store_true",
+                   help="count VoiceDesign's graphs (a bundle given them by `voice export`, where chat --role without "
+                        "--voice designs the voice at start): their start-up memory and predicted time per design")
     p.add_argument("--margin", type=real(0, 1), default=0.10, help="safety margin, a fraction of the usable memory")
     p.add_argument("--accuracy-from", type=Path, default=None, metavar="QUANTIZED_BUNDLE",
                    help="with --precision auto: the measured accuracy of this quantized bundle's precisions")
@@ -107,7 +110,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .targets import get_target
 
     options = PlanOptions(margin=args.margin, host_embedding=not args.embedding_graph,
-                          separate_embedding=not args.shared_embedding)
+                          separate_embedding=not args.shared_embedding, voice_design=args.voice_design)
     choice = None
     if args.precision == "auto":
         fixed = [f for f in ("lm_head", "embedding", "kv_cache") if getattr(args, f) is not None]

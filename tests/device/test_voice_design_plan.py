@@ -24,3 +24,17 @@ def test_planner_counts_voice_design_when_asked():
     extra = [i for i in with_vd if i not in without]
     assert [i.name for i in extra] == ["VoiceDesign (start-up only)"]
     assert extra[0].bytes == voice_design_cost(target).weight_bytes
+
+
+def test_plan_command_counts_voice_design(capsys):
+    import json
+
+    from qinyu_edge.cli import main
+
+    def items(*extra):
+        assert main(["plan", "--target", "agx-orin-64", "--variant", "4b", "--precision", "int4", "--json", *extra]) == 0
+        return {i["name"]: i for i in json.loads(capsys.readouterr().out)["items"]}
+
+    plain, designed = items(), items("--voice-design")
+    assert set(designed) - set(plain) == {"VoiceDesign (start-up only)"}
+    assert " ms)" in designed["VoiceDesign (start-up only)"]["note"]
