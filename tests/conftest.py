@@ -13,3 +13,17 @@ def preset_bundle(request):
     from qinyu_edge.export.bundle_export import preset_bundle as ensure
 
     return request.param, ensure(request.param)
+
+
+@pytest.fixture
+def flip_byte():
+    """Damage a file in place: invert the byte at `offset` (a copy gone bad on disk or in transit)."""
+
+    def flip(path, offset: int = 100) -> None:
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            byte = f.read(1)
+            f.seek(offset)
+            f.write(bytes([byte[0] ^ 0xFF]))
+
+    return flip

@@ -135,7 +135,7 @@ def test_pip_tensorrt_differs_from_jetpack():
 # --- bundles ---------------------------------------------------------------------------------
 
 
-def test_bundle_is_verified(preset_bundle, tmp_path):
+def test_bundle_is_verified(preset_bundle, tmp_path, flip_byte):
     _, path = preset_bundle
     report = diagnose(_env(), bundle=path)
     assert _line(report, "bundle", str(path)).status == "ok" and report.exit_code == 0
@@ -143,11 +143,7 @@ def test_bundle_is_verified(preset_bundle, tmp_path):
 
     copy = tmp_path / "bundle"
     shutil.copytree(path, copy)
-    with open(copy / "audio_projector.onnx", "r+b") as f:
-        f.seek(100)
-        byte = f.read(1)
-        f.seek(100)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(copy / "audio_projector.onnx")
     report = diagnose(_env(), bundle=copy)
     line = _line(report, "bundle", str(copy))
     assert line.status == "error" and "audio_projector.onnx" in line.found and report.exit_code == 1

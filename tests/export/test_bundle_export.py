@@ -74,17 +74,13 @@ def test_backbone_cache_signature(exported):
     assert spec.shape_ranges["past"][0] == NULL_ROWS
 
 
-def test_tampered_file_is_refused(exported, tmp_path):
+def test_tampered_file_is_refused(exported, tmp_path, flip_byte):
     import shutil
 
     name, out = exported
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    with open(copy / "heads_logits.onnx", "r+b") as f:
-        f.seek(100)
-        byte = f.read(1)
-        f.seek(100)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte(copy / "heads_logits.onnx")
     with pytest.raises(BundleError, match="heads_logits.onnx"):
         load_bundle(copy)
     (copy / "campplus.onnx").unlink()
