@@ -125,6 +125,21 @@ class VirtualSoundCard:
         """`play_into_mic` on a thread (start it; `join_or_skip` after)."""
         return Player(self, wav)
 
+    def echo_into_mic(self, latency_ms: int, volume: float) -> str:
+        """An open speaker: what the speaker plays reaches the microphone too, `volume` times as loud and
+        `latency_ms` later (PulseAudio's loopback, which also tracks the two sinks' clocks). Returns the
+        module to give `unload`."""
+        module = self.pactl("load-module", "module-loopback", f"source={SPEAKER}.monitor", f"sink={MIC_SINK}",
+                            f"latency_msec={latency_ms}", "source_dont_move=true", "sink_dont_move=true").strip()
+        for line in self.pactl("list", "short", "sink-inputs").splitlines():
+            index, owner = line.split("\t")[:2]
+            if owner == module:
+                # PulseAudio volumes are cubic: raw volume v scales amplitude by (v / 65536) ** 3.
+                self.pactl("set-sink-input-volume", index, f"{round(volume ** (1 / 3) * 65536)}")
+        return module
+
+    def unload(self, module: str) -> None:
+        self.pactl("unload-module", module)
 
     def record_speaker(self, raw: Path, rate: int = 16000) -> subprocess.Popen:
         """Start recording the virtual speaker as float32 mono raw samples; stop it with `stop_process`."""
