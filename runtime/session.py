@@ -88,6 +88,10 @@ class OrtSession:
         if threads:
             opts.intra_op_num_threads = threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # ONNX Runtime keeps a memory pattern for every input shape it has seen, and ours never stop
+        # changing (prompt and chunk lengths, the cache window): a 300-turn conversation on the 4B's
+        # portable graph grew RSS by 22 MiB of them (+5.3%); without them +1.8%, steps no slower.
+        opts.enable_mem_pattern = False
         # By default idle intra-op workers block instead of spinning: a runtime has several sessions
         # (and audio threads) taking turns on few cores, and a spinning pool of one session steals
         # them from the next; on a shared 2-core machine a decode step ran 2-3x faster this way.
