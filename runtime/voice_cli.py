@@ -131,8 +131,10 @@ def _describe(ev) -> str | None:
         return f"speech end: {ev.start_sample / 16000:.2f}-{ev.end_sample / 16000:.2f} s"
     if isinstance(ev, TurnCheck):
         p = "-" if ev.decision.probability is None else f"{ev.decision.probability:.2f}"
-        return (f"turn check after {ev.silence_ms:.0f} ms of silence: {ev.decision.verdict.value} "
-                f"(p={p}, commits at {ev.threshold:.2f}; {ev.latency_ms:.0f} ms)")
+        # The policy, not the model's own 0.5 cut, decides: say what p(complete) had to reach.
+        rule = "too early to end the turn" if ev.threshold > 1 else f"the turn ends at p >= {ev.threshold:.2f}"
+        return (f"turn check after {ev.silence_ms:.0f} ms of silence: the model says {ev.decision.verdict.value} "
+                f"(p={p}); {rule} ({ev.latency_ms:.0f} ms)")
     if isinstance(ev, TurnTentative):
         return "tentative end of turn"
     if isinstance(ev, ReplyDiscarded):

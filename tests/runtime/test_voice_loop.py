@@ -274,3 +274,15 @@ def test_unpaced_file_answers_every_utterance(tmp_path, engine, voice):
     loop, conv = session(tmp_path, engine, parts, realtime=False, max_new_tokens=20)
     turns = loop.run()
     assert len(turns) == 3 and len(conv.history) == 6
+
+
+def test_turn_check_lines_say_what_the_policy_needs():
+    """The policy, not the model's own 0.5 cut, ends a turn: a check line names the p it needs, or that it is
+    too early (before, "incomplete (p=0.27, commits at 0.20)" was printed just before the turn ended)."""
+    from qinyu_edge.runtime.turn import TurnCheck, TurnDecision, TurnVerdict
+    from qinyu_edge.runtime.voice_cli import _describe
+
+    early = _describe(TurnCheck(0, TurnDecision(TurnVerdict.COMPLETE, 0.92), 60.0, silence_ms=224))
+    due = _describe(TurnCheck(0, TurnDecision(TurnVerdict.INCOMPLETE, 0.27), 58.0, silence_ms=384, threshold=0.2))
+    assert "p=0.92" in early and "too early to end the turn" in early
+    assert "p=0.27" in due and "the turn ends at p >= 0.20" in due
