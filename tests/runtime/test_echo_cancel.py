@@ -300,9 +300,11 @@ def test_virtual_card_playback_is_cancelled_from_the_mic(sound_card, voices):
     raise AssertionError(f"no pass reached 15 dB ERLE: {seen}")
 
 
-def test_open_speaker_full_duplex_voice_loop_on_the_virtual_card(sound_card, tmp_path, voices):
+@pytest.mark.parametrize("echo_ms", [20, 80, 200])
+def test_open_speaker_full_duplex_voice_loop_on_the_virtual_card(sound_card, tmp_path, voices, echo_ms):
     """The whole voice loop on real PortAudio streams with AEC on, in full duplex, on an open speaker: what
-    the speaker plays comes back into the microphone (PulseAudio loopback, 0.6x, ~80 ms later). The user
+    the speaker plays comes back into the microphone (PulseAudio loopback, 0.6x, `echo_ms` later plus the
+    card's own ~27 ms). The user
     asks; while the reply plays (its echo in the mic) the user interrupts. The assistant must not cut
     itself off before the user speaks, must cut at the user's speech, and its echo must be >= 15 dB down
     in what the loop hears. (The tiny model's random reply is not speech to the VAD, so it could not cut
@@ -319,7 +321,7 @@ def test_open_speaker_full_duplex_voice_loop_on_the_virtual_card(sound_card, tmp
     write_wav(question, np.concatenate([voices["turn"], np.zeros(4800, np.float32)]), 16000)
     write_wav(interrupt, voices["user"], 16000)
     interrupt_after_s = 3.0
-    module = sound_card.echo_into_mic(latency_ms=80, volume=0.6)
+    module = sound_card.echo_into_mic(latency_ms=echo_ms, volume=0.6)
     cfg = AudioDeviceConfig(input_device="pulse", output_device="pulse", latency="high")
     sink, tap = DeviceSink(cfg), PlaybackTap()
     sink.tap = tap
