@@ -304,11 +304,11 @@ def test_virtual_card_playback_is_cancelled_from_the_mic(sound_card, voices):
 def test_open_speaker_full_duplex_voice_loop_on_the_virtual_card(sound_card, tmp_path, voices, echo_ms):
     """The whole voice loop on real PortAudio streams with AEC on, in full duplex, on an open speaker: what
     the speaker plays comes back into the microphone (PulseAudio loopback, 0.6x, `echo_ms` later plus the
-    card's own ~27 ms). The user
-    asks; while the reply plays (its echo in the mic) the user interrupts. The assistant must not cut
-    itself off before the user speaks, must cut at the user's speech, and its echo must be >= 15 dB down
-    in what the loop hears. (The tiny model's random reply is not speech to the VAD, so it could not cut
-    itself anyway: the simulated-room tests above show that with speech replies, 20 of 20.)"""
+    card's own ~27 ms). The user asks; while the reply plays (its echo in the mic) the user interrupts.
+    The assistant must not cut itself off before the user speaks, must cut at the user's speech, and its
+    echo must be >= 15 dB down in what the loop hears. (The tiny model's random reply is not speech to
+    the VAD, so it could not cut itself anyway: the simulated-room tests above show that with speech
+    replies, 20 of 20.)"""
     from qinyu_edge.export.bundle_export import preset_bundle
     from qinyu_edge.runtime.audio_io import write_wav
     from qinyu_edge.runtime.conversation import Conversation
