@@ -176,13 +176,14 @@ class XYDecoderConfig:
         """Parameters of the decode path as export/models/xy_decoder.py builds it: the RVQ output
         projection, adapter, upsampler, acoustic decoder and Vocos. Codebooks and tables are buffers
         (`table_count`)."""
-        a, dec = self.adapter, self.decoder
-        proj_in = self.rvq_output_dim * a.d_model + a.d_model if self.rvq_output_dim != a.d_model else 0
-        proj_out = a.d_model * self.adapter_output_dim + self.adapter_output_dim if self.adapter_output_dim != a.d_model else 0
-        adapter = proj_in + _stack_params(a) + proj_out
-        upsample = self.adapter_output_dim * dec.d_model * self.upsample_factor  # ConvTranspose1d, no bias
+        a, d = self.adapter, self.decoder.d_model
+        rvq, out = self.rvq_output_dim, self.adapter_output_dim
+        # The adapter projects in and out only where the widths differ.
+        adapter = (rvq * a.d_model + a.d_model if rvq != a.d_model else 0) + _stack_params(a) \
+            + (a.d_model * out + out if out != a.d_model else 0)
+        upsample = out * d * self.upsample_factor  # ConvTranspose1d, no bias
         # Two transposed convs of kernel 3 (d -> d, d -> n_mels) with biases.
-        acoustic = _stack_params(dec) + 3 * dec.d_model * dec.d_model + dec.d_model + 3 * dec.d_model * self.n_mels + self.n_mels
+        acoustic = _stack_params(self.decoder) + 3 * d * d + d + 3 * d * self.n_mels + self.n_mels
         v, i = self.vocos_dim, self.vocos_intermediate
         convnext = 7 * v + v + 2 * v + v * i + i + i * v + v + v  # depthwise conv, LayerNorm, MLP, layer scale
         vocos = (7 * self.n_mels * v + v + 2 * v + self.vocos_layers * convnext + 2 * v
@@ -194,7 +195,7 @@ class XYDecoderConfig:
         """Floats the graph holds besides parameters: codebooks, both position tables, the ISTFT
         window and its inverse-DFT basis (2 x (n_fft/2 + 1) x n_fft, the largest in a tiny preset)."""
         codebooks = self.num_quantizers * self.codebook_size * self.code_dim
-        positions = self.adapter.max_positions * self.adapter.d_model + self.decoder.max_positions * self.decoder.d_model
+        positions = sum(s.max_positions * s.d_model for s in (self.adapter, self.decoder))
         return codebooks + positions + self.n_fft + 2 * (self.n_fft // 2 + 1) * self.n_fft
 
 
