@@ -100,7 +100,7 @@ class MemoryMeasurement:
     config: ModelConfig
     steps: int  # greedy steps decoded
     position: int  # positions in the cache at the end
-    touched_rows: int  # distinct embedding rows gathered (prompt and fed-back choices)
+    touched_rows: frozenset[int]  # embedding rows gathered (prompt and fed-back choices)
     decode_graph: GraphTensors
     loaded_graph_bytes: int  # tensors of every graph Engine opened
     kv_bytes: int  # the runtime's cache buffers, bytes per position x positions
@@ -134,7 +134,7 @@ def measure(bundle: str | Path, steps: int = 100) -> MemoryMeasurement:
     table = engine.bundle.file(engine.bundle.host_embedding) if engine.host_embedding is not None else None
     cache = engine.cache
     return MemoryMeasurement(
-        str(bundle), engine.config, reply.steps, cache.pos, len(rows),
+        str(bundle), engine.config, reply.steps, cache.pos, frozenset(rows),
         graph_tensors(engine.bundle.file(engine.spec(DECODE).file)),
         sum(graph_tensors(engine.bundle.file(engine.spec(name).file)).total for name in engine.sessions),
         cache.bytes_per_position * cache.pos,
@@ -151,7 +151,7 @@ def measure_fresh(bundle: str | Path, steps: int) -> MemoryMeasurement:
 def table(m: MemoryMeasurement) -> Table:
     p = m.plan()
     t = Table(title=f"{m.config.name} at fp32 on the CPU: {Path(m.bundle).name}, {m.steps} greedy steps, "
-                    f"{m.position} positions cached, {m.touched_rows} embedding rows gathered")
+                    f"{m.position} positions cached, {len(m.touched_rows)} embedding rows gathered")
     for col in ("", "measured MiB", "planner MiB", "planner / measured"):
         t.add_column(col, justify="left" if not col else "right")
 
@@ -184,8 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     for bundle in bundles:
         console.print(table(measure_fresh(bundle, args.steps)))
-    console.print("RSS growth is measured from the baseline; the planner counts model memory only (weights, the "
-                  "gathered embedding rows, the written KV cache), not the tokenizer or ONNX Runtime's sessions.")
+    console.print("RSS growth is measured from the baseline (interpreter, numpy, onnxruntime and the runtime's modules "
+                  "imported, no bundle). The planner counts model memory only: the graphs' tensors, the mapped windows "
+                  "of the gathered embedding rows and the written KV positions; not the tokenizer, nor ONNX Runtime's "
+                  "own start-up (its first session) and per-session structures.")
     return 0
 
 

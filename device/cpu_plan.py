@@ -3,7 +3,10 @@
 The CPU runtime is ONNX Runtime at fp32: the bundle's graphs are fp32, and runtime/kv_cache.py
 allocates the cache as float32. `Engine` loads the encoder, both projectors, the XY decoder, CAM++
 and the fused decode graph (backbone + heads); the embedding graph is replaced by the bundle's
-memory-mapped table, of which only the rows a conversation gathers become resident. The KV cache is
+memory-mapped table, of which only what a conversation gathers becomes resident: Linux maps the
+aligned 64 KiB around each page a read faults in (`fault_around_bytes`, its default) when the file
+is in the page cache, as the bundle check's hashing leaves it, so rows narrower than that bring
+their neighbours along (a tiny preset's whole table after a few hundred rows). The KV cache is
 allocated for the whole context with zeroed pages, which the kernel maps on first write: resident
 are the positions written so far.
 
@@ -15,6 +18,7 @@ a GPU target's whole budget.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from qinyu_edge.config import ModelConfig
@@ -29,6 +33,7 @@ CPU_RECIPE = Recipe("fp32")
 FP32 = ELEMENT_BYTES["fp32"]
 DECODE_GRAPH_ITEMS = ("decode graph: backbone layers", "decode graph: lm_head", "decode graph: rope tables")
 EMBEDDING_ROWS = "embedding rows (mapped)"
+FAULT_AROUND_BYTES = 64 * 1024  # Linux's default fault_around_bytes
 
 
 def rope_table_floats(cfg: ModelConfig) -> int:
@@ -42,6 +47,14 @@ def rope_row_floats(cfg: ModelConfig) -> int:
     """What one decode step reads of those tables: one row of each."""
     b = cfg.backbone
     return 0 if b.is_mla else 2 * (b.head_dim // 2)
+
+
+def mapped_bytes(rows: Collection[int], row_bytes: int, table_bytes: int) -> int:
+    """Resident bytes of a mapped table after reading `rows`: every aligned fault-around window a
+    row touches (the .npy header of about a hundred bytes is left out)."""
+    windows = {w for r in rows for w in range(r * row_bytes // FAULT_AROUND_BYTES,
+                                              ((r + 1) * row_bytes - 1) // FAULT_AROUND_BYTES + 1)}
+    return sum(min(FAULT_AROUND_BYTES, table_bytes - w * FAULT_AROUND_BYTES) for w in windows)
 
 
 @dataclass(frozen=True)
@@ -79,9 +92,9 @@ class CpuPlan:
         return sum(i.bytes for i in self.items)
 
 
-def cpu_plan(cfg: ModelConfig, position: int, touched_rows: int) -> CpuPlan:
-    """The CPU runtime of `cfg` with `position` positions cached and `touched_rows` distinct rows of
-    the embedding table gathered."""
+def cpu_plan(cfg: ModelConfig, position: int, touched_rows: Collection[int]) -> CpuPlan:
+    """The CPU runtime of `cfg` with `position` positions cached and the embedding rows
+    `touched_rows` (distinct ids) gathered."""
     b = cfg.backbone
     bp = backbone_params(cfg)
     per_token = kv_bytes_per_token(cfg, "fp32")
@@ -106,12 +119,13 @@ def cpu_plan(cfg: ModelConfig, position: int, touched_rows: int) -> CpuPlan:
         f"{xy / 1e6:.2f}M params + {tables / 1e6:.2f}M codebook, position and ISTFT table entries")
     campp = cfg.campplus.param_count()
     add("weights", "CAM++", campp * FP32, f"{campp / 1e6:.3f}M params")
-    add("weights", EMBEDDING_ROWS, touched_rows * b.hidden_size * FP32,
-        f"{touched_rows} distinct rows gathered, of {b.vocab_size}")
+    row = int(b.hidden_size * FP32)
+    add("weights", EMBEDDING_ROWS, mapped_bytes(touched_rows, row, b.vocab_size * row),
+        f"{len(touched_rows)} distinct rows gathered, of {b.vocab_size}, in {FAULT_AROUND_BYTES // 1024} KiB windows")
     add("kv cache", "KV cache (written positions)", position * per_token,
         f"{position} positions x {per_token} B; the rest of the allocation is zero pages not yet mapped")
     return CpuPlan(tuple(items), position, per_token, weight_bytes_per_step(cfg, CPU_RECIPE),
                    int(rope_row_floats(cfg) * FP32))
 
 
-__all__ = ["CPU_RECIPE", "CpuPlan", "cpu_plan", "rope_table_floats", "rope_row_floats"]
+__all__ = ["CPU_RECIPE", "CpuPlan", "cpu_plan", "mapped_bytes", "rope_table_floats", "rope_row_floats"]
