@@ -10,7 +10,8 @@ Each bundle is measured in a fresh interpreter:
   Constant-node tensors), read with onnx without loading any data;
 - the bytes a decode step reads: the fused decode graph's tensors (of its rope tables one row per
   step, the rest whole) plus the KV cache up to the position;
-- what of the memory-mapped embedding table is resident (/proc/self/smaps).
+- what of the memory-mapped embedding table is resident, and whether the page cache maps it in
+  2 MiB folios (/proc/self/smaps), which sets the granule the planner counts it in.
 The planner's prediction for the same config at fp32 (device/cpu_plan.py) stands beside each. The
 planner predicts model memory only; RSS growth also holds the tokenizer and ONNX Runtime's own
 session structures and arena, so its ratio says how far fixed costs dominate a small model.
@@ -33,7 +34,7 @@ from qinyu_edge.config import ModelConfig
 from qinyu_edge.runtime.engine import DECODE, Engine
 from qinyu_edge.validate import COUNT
 
-from .cpu_plan import CpuPlan, cpu_plan
+from .cpu_plan import FAULT_AROUND_BYTES, LARGE_FOLIO_BYTES, CpuPlan, cpu_plan
 
 PROMPT = ("<|im_start|>system\nYou are a helpful voice assistant.<|im_end|>\n<|im_start|>user\n"
           "Tell me about the sea, and why it is salty.<|im_end|>\n<|im_start|>assistant\n")
@@ -43,27 +44,29 @@ ROPE_TABLES = ("cos_cache", "sin_cache")
 MiB = 2**20
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status: the memory benchmark needs Linux")
-
-
 def rss_bytes() -> int:
-    return _status_bytes("VmRSS")
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status: the memory benchmark needs Linux")
 
 
-def mapped_resident_bytes(path: Path) -> int:
-    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
-    target, inside, total = str(path.resolve()), False, 0
+@dataclass(frozen=True)
+class Mapped:
+    resident: int  # bytes of this process's mappings of the file that are resident
+    large_folios: bool  # some of them mapped as 2 MiB page-cache folios (smaps FilePmdMapped)
+
+
+def mapped(path: Path) -> Mapped:
+    """What of `path` this process has resident through its mappings (/proc/self/smaps)."""
+    target, inside, fields = str(path.resolve()), False, {"Rss": 0, "FilePmdMapped": 0}
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split(maxsplit=5)
         if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
             inside = len(head) == 6 and head[5] == target
-        elif inside and line.startswith("Rss:"):
-            total += int(line.split()[1]) * 1024
-    return total
+        elif inside and head[0].rstrip(":") in fields:
+            fields[head[0].rstrip(":")] += int(head[1]) * 1024
+    return Mapped(fields["Rss"], fields["FilePmdMapped"] > 0)
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,7 @@ class MemoryMeasurement:
     decode_graph: GraphTensors
     loaded_graph_bytes: int  # tensors of every graph Engine opened
     kv_bytes: int  # the runtime's cache buffers, bytes per position x positions
-    table_resident_bytes: int  # of the mapped embedding table, after decoding
+    table: Mapped  # the memory-mapped embedding table, after decoding
     rss_baseline: int
     rss_loaded: int
     rss_decoded: int
@@ -115,7 +118,8 @@ class MemoryMeasurement:
         return g.total - g.rope_tables + g.rope_row + self.kv_bytes
 
     def plan(self) -> CpuPlan:
-        return cpu_plan(self.config, self.position, self.touched_rows)
+        granule = LARGE_FOLIO_BYTES if self.table.large_folios else FAULT_AROUND_BYTES
+        return cpu_plan(self.config, self.position, self.touched_rows, granule)
 
 
 def measure(bundle: str | Path, steps: int = 100) -> MemoryMeasurement:
@@ -138,7 +142,7 @@ def measure(bundle: str | Path, steps: int = 100) -> MemoryMeasurement:
         graph_tensors(engine.bundle.file(engine.spec(DECODE).file)),
         sum(graph_tensors(engine.bundle.file(engine.spec(name).file)).total for name in engine.sessions),
         cache.bytes_per_position * cache.pos,
-        mapped_resident_bytes(table) if table is not None else 0,
+        mapped(table) if table is not None else Mapped(0, False),
         baseline, loaded, decoded)
 
 
@@ -164,7 +168,8 @@ def table(m: MemoryMeasurement) -> Table:
     row(f"bytes read per decode step at position {m.position}", m.bytes_per_step, p.bytes_per_step)
     row("  of which KV cache", m.kv_bytes, p.kv_bytes)
     row("tensors of every loaded graph", m.loaded_graph_bytes, p.loaded_bytes)
-    row("embedding table resident (mapped)", m.table_resident_bytes, p.item("embedding rows (mapped)"))
+    granule = "2 MiB folios" if m.table.large_folios else "64 KiB fault-around"
+    row(f"embedding table resident (mapped, {granule})", m.table.resident, p.item("embedding rows (mapped)"))
     row("RSS baseline: runtime modules imported", m.rss_baseline, None)
     row("RSS growth: Engine(bundle)", m.rss_loaded - m.rss_baseline, p.loaded_bytes)
     row("RSS growth: + prefill and decode", m.rss_decoded - m.rss_baseline, p.total_bytes)
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     for bundle in bundles:
         console.print(table(measure_fresh(bundle, args.steps)))
     console.print("RSS growth is measured from the baseline (interpreter, numpy, onnxruntime and the runtime's modules "
-                  "imported, no bundle). The planner counts model memory only: the graphs' tensors, the mapped windows "
+                  "imported, no bundle). The planner counts model memory only: the graphs' tensors, the mapped granules "
                   "of the gathered embedding rows and the written KV positions; not the tokenizer, nor ONNX Runtime's "
                   "own start-up (its first session) and per-session structures.")
     return 0

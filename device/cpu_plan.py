@@ -3,10 +3,13 @@
 The CPU runtime is ONNX Runtime at fp32: the bundle's graphs are fp32, and runtime/kv_cache.py
 allocates the cache as float32. `Engine` loads the encoder, both projectors, the XY decoder, CAM++
 and the fused decode graph (backbone + heads); the embedding graph is replaced by the bundle's
-memory-mapped table, of which only what a conversation gathers becomes resident: Linux maps the
-aligned 64 KiB around each page a read faults in (`fault_around_bytes`, its default) when the file
-is in the page cache, as the bundle check's hashing leaves it, so rows narrower than that bring
-their neighbours along (a tiny preset's whole table after a few hundred rows). The KV cache is
+memory-mapped table, of which only what a conversation gathers becomes resident, in whole aligned
+granules of the file: Linux maps the 64 KiB around each page a read faults in (`fault_around_bytes`,
+its default) when the file is in the page cache, as the bundle check's hashing leaves it; where the
+page cache holds the file in 2 MiB folios (Linux 6.x file systems with large folios, and
+transparent huge pages), a fault maps the whole folio. A granule holds many rows (a tiny table's
+whole 2 MiB; 200 rows of the 4B's 10 KiB at 2 MiB), so gathered rows bring their neighbours
+along. The KV cache is
 allocated for the whole context with zeroed pages, which the kernel maps on first write: resident
 are the positions written so far.
 
@@ -34,6 +37,7 @@ FP32 = ELEMENT_BYTES["fp32"]
 DECODE_GRAPH_ITEMS = ("decode graph: backbone layers", "decode graph: lm_head", "decode graph: rope tables")
 EMBEDDING_ROWS = "embedding rows (mapped)"
 FAULT_AROUND_BYTES = 64 * 1024  # Linux's default fault_around_bytes
+LARGE_FOLIO_BYTES = 2 * 2**20  # a PMD-mapped page-cache folio (x86-64 and arm64 with 4 KiB pages)
 
 
 def rope_table_floats(cfg: ModelConfig) -> int:
@@ -49,12 +53,11 @@ def rope_row_floats(cfg: ModelConfig) -> int:
     return 0 if b.is_mla else 2 * (b.head_dim // 2)
 
 
-def mapped_bytes(rows: Collection[int], row_bytes: int, table_bytes: int) -> int:
-    """Resident bytes of a mapped table after reading `rows`: every aligned fault-around window a
-    row touches (the .npy header of about a hundred bytes is left out)."""
-    windows = {w for r in rows for w in range(r * row_bytes // FAULT_AROUND_BYTES,
-                                              ((r + 1) * row_bytes - 1) // FAULT_AROUND_BYTES + 1)}
-    return sum(min(FAULT_AROUND_BYTES, table_bytes - w * FAULT_AROUND_BYTES) for w in windows)
+def mapped_bytes(rows: Collection[int], row_bytes: int, table_bytes: int, granule: int = FAULT_AROUND_BYTES) -> int:
+    """Resident bytes of a mapped table after reading `rows`: every aligned granule a row touches
+    (the .npy header of about a hundred bytes is left out)."""
+    granules = {g for r in rows for g in range(r * row_bytes // granule, ((r + 1) * row_bytes - 1) // granule + 1)}
+    return sum(min(granule, table_bytes - g * granule) for g in granules)
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,11 @@ class CpuPlan:
         return sum(i.bytes for i in self.items)
 
 
-def cpu_plan(cfg: ModelConfig, position: int, touched_rows: Collection[int]) -> CpuPlan:
+def cpu_plan(cfg: ModelConfig, position: int, touched_rows: Collection[int],
+             map_granule: int = FAULT_AROUND_BYTES) -> CpuPlan:
     """The CPU runtime of `cfg` with `position` positions cached and the embedding rows
-    `touched_rows` (distinct ids) gathered."""
+    `touched_rows` (distinct ids) gathered; `map_granule` is what a fault on the mapped table makes
+    resident (FAULT_AROUND_BYTES, or LARGE_FOLIO_BYTES where the page cache holds large folios)."""
     b = cfg.backbone
     bp = backbone_params(cfg)
     per_token = kv_bytes_per_token(cfg, "fp32")
@@ -120,12 +125,13 @@ def cpu_plan(cfg: ModelConfig, position: int, touched_rows: Collection[int]) -> 
     campp = cfg.campplus.param_count()
     add("weights", "CAM++", campp * FP32, f"{campp / 1e6:.3f}M params")
     row = int(b.hidden_size * FP32)
-    add("weights", EMBEDDING_ROWS, mapped_bytes(touched_rows, row, b.vocab_size * row),
-        f"{len(touched_rows)} distinct rows gathered, of {b.vocab_size}, in {FAULT_AROUND_BYTES // 1024} KiB windows")
+    add("weights", EMBEDDING_ROWS, mapped_bytes(touched_rows, row, b.vocab_size * row, map_granule),
+        f"{len(touched_rows)} distinct rows gathered, of {b.vocab_size}, in {map_granule // 1024} KiB granules")
     add("kv cache", "KV cache (written positions)", position * per_token,
         f"{position} positions x {per_token} B; the rest of the allocation is zero pages not yet mapped")
     return CpuPlan(tuple(items), position, per_token, weight_bytes_per_step(cfg, CPU_RECIPE),
                    int(rope_row_floats(cfg) * FP32))
 
 
-__all__ = ["CPU_RECIPE", "CpuPlan", "cpu_plan", "mapped_bytes", "rope_table_floats", "rope_row_floats"]
+__all__ = ["CPU_RECIPE", "FAULT_AROUND_BYTES", "LARGE_FOLIO_BYTES", "CpuPlan", "cpu_plan", "mapped_bytes",
+           "rope_table_floats", "rope_row_floats"]

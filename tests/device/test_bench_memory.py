@@ -29,7 +29,7 @@ def test_predicted_bytes_per_step_match_the_decode_graph(measured):
 def test_rss_is_measured_and_reported(measured):
     m = measured
     assert 0 < m.rss_baseline < m.rss_loaded and m.rss_decoded > 0
-    assert m.table_resident_bytes > 0
+    assert m.table.resident > 0
     console = Console(record=True, width=160)
     console.print(table(m))
     text = console.export_text()

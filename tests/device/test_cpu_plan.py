@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qinyu_edge.config import preset
-from qinyu_edge.device.cpu_plan import FAULT_AROUND_BYTES, cpu_plan, mapped_bytes
+from qinyu_edge.device.cpu_plan import FAULT_AROUND_BYTES, LARGE_FOLIO_BYTES, cpu_plan, mapped_bytes
 from qinyu_edge.device.planner import Recipe, kv_bytes_per_token, weight_bytes_per_step
 
 
@@ -28,3 +28,9 @@ def test_mapped_rows_count_whole_fault_around_windows():
     assert mapped_bytes([3], 16 * 1024, 10 * w) == w  # a 16 KiB row inside one window
     assert mapped_bytes([1], 48 * 1024, 10 * w) == 2 * w  # straddles two
     assert mapped_bytes([9], 10 * 1024, 100 * 1024) == 100 * 1024 - w  # the last window stops at the table's end
+
+
+def test_large_folios_map_two_mib_at_a_time():
+    row, table = 10 * 1024, 136544 * 10 * 1024  # the 4B's fp32 rows
+    assert mapped_bytes([0, 203], row, table, LARGE_FOLIO_BYTES) == LARGE_FOLIO_BYTES  # rows 0-203 fill one folio
+    assert mapped_bytes([0, 204], row, table, LARGE_FOLIO_BYTES) == 2 * LARGE_FOLIO_BYTES  # row 204 straddles
