@@ -1,4 +1,5 @@
-"""What the CPU runtime holds and reads per decode step, predicted from the config alone.
+"""What the CPU runtime holds and reads per decode step, predicted from the config (and, for the
+mapped embedding table, from the rows a conversation gathers).
 
 The CPU runtime is ONNX Runtime at fp32: the bundle's graphs are fp32, and runtime/kv_cache.py
 allocates the cache as float32. `Engine` loads the encoder, both projectors, the XY decoder, CAM++
@@ -9,9 +10,8 @@ its default) when the file is in the page cache, as the bundle check's hashing l
 page cache holds the file in 2 MiB folios (Linux 6.x file systems with large folios, and
 transparent huge pages), a fault maps the whole folio. A granule holds many rows (a tiny table's
 whole 2 MiB; 200 rows of the 4B's 10 KiB at 2 MiB), so gathered rows bring their neighbours
-along. The KV cache is
-allocated for the whole context with zeroed pages, which the kernel maps on first write: resident
-are the positions written so far.
+along. The KV cache is allocated for the whole context with zeroed pages, which the kernel maps on
+first write: resident are the positions written so far.
 
 Only model memory is predicted: the interpreter and its libraries, the tokenizer and ONNX Runtime's
 own per-session structures are not (bench_memory.py measures RSS from a baseline taken with the

@@ -259,7 +259,8 @@ def memory_items(cfg: ModelConfig, target: Target, recipe: Recipe, context: int,
     xy_params, tables = xy.param_count(), xy.table_count()
     add("weights", "XY decoder", xy_params * bytes_per_param(r.xy_decoder, s)
         + tables * ELEMENT_BYTES["fp32" if r.xy_decoder == "fp32" else "fp16"],
-        f"{xy_params / 1e6:.1f}M params at {r.xy_decoder} + {tables / 1e6:.1f}M codebook, position and ISTFT table entries")
+        f"{xy_params / 1e6:.1f}M params at {r.xy_decoder} + {tables / 1e6:.1f}M codebook, position and ISTFT "
+        "table entries")
     campp = cfg.campplus.param_count()
     add("weights", "CAM++", campp * bytes_per_param(r.campplus, s), f"{campp / 1e6:.2f}M params at {r.campplus}")
     if options.voice_design:

@@ -28,11 +28,12 @@ def test_predicted_bytes_per_step_match_the_decode_graph(measured):
 
 def test_rss_is_measured_and_reported(measured):
     m = measured
-    assert 0 < m.rss_baseline < m.rss_loaded and m.rss_decoded > 0
+    assert 0 < m.rss_baseline < m.rss_loaded.trimmed <= m.rss_loaded.held <= m.rss_peak_load
+    assert 0 < m.rss_decoded.trimmed <= m.rss_decoded.held
     assert m.table.resident > 0
     console = Console(record=True, width=160)
     console.print(table(m))
     text = console.export_text()
-    for label in ("RSS baseline", "RSS growth: Engine(bundle)", "RSS growth: + prefill and decode",
-                  "bytes read per decode step"):
+    for label in ("RSS baseline", "RSS growth: Engine(bundle)", "RSS growth: + prefill and decode", "malloc_trim",
+                  "VmHWM", "bytes read per decode step"):
         assert label in text
