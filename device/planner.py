@@ -44,11 +44,6 @@ BLOCK_SCALE_BYTES: dict[str, float] = {"int4": 2 / 128, "fp4": 1 / 16}
 QUANTIZED = frozenset({"fp8", "int8", "fp4", "int4"})
 KV_PRECISIONS = ("fp32", "fp16", "fp8", "int8")
 
-# model-spec section 7 (CAM++: parameters of our module, export/models/campplus.py).
-SENSEVOICE_PARAMS = 221_100_000  # without the unused CTC head
-XY_DECODE_PARAMS = 258_200_000  # Vocos + acoustic decoder + post-RVQ adapter + upconv, codebooks aside
-CAMPP_PARAMS = 6_850_000
-
 # Audio steps at 12.5 Hz plus the interleaved text steps (1:8 then 4:8): model-spec 1.8.
 SPEECH_STEPS_PER_SECOND = 12.5 + 6.25
 # A system prompt, a 10 s question (~170 positions) and one full 1024-step reply.
@@ -253,17 +248,21 @@ def memory_items(cfg: ModelConfig, target: Target, recipe: Recipe, context: int,
     elif not bp.tied or options.separate_embedding:
         add("weights", "embedding table", bp.vocab_matrix * bytes_per_param(r.embedding, s),  # type: ignore[arg-type]
             f"at {r.embedding}" + ("; a second copy of the tied matrix in the embedding graph" if bp.tied else ""))
-    add("weights", "SenseVoice encoder", SENSEVOICE_PARAMS * bytes_per_param(r.encoder, s),
-        f"{SENSEVOICE_PARAMS / 1e6:.1f}M params at {r.encoder}")
+    # Parameter counts come from the sub-configs (221.1M, 258.2M and 6.85M at real size, model-spec section 7).
+    encoder = cfg.sensevoice.param_count()
+    add("weights", "SenseVoice encoder", encoder * bytes_per_param(r.encoder, s),
+        f"{encoder / 1e6:.1f}M params at {r.encoder}")
     proj = projector_params(cfg.audio_projector) + projector_params(cfg.speaker_projector)
     add("weights", "audio + speaker projectors", proj * bytes_per_param(r.projectors, s),
         f"{proj / 1e6:.1f}M params at {r.projectors}")
     xy = cfg.xy
-    codebooks = xy.num_quantizers * xy.codebook_size * xy.code_dim
-    add("weights", "XY decoder", XY_DECODE_PARAMS * bytes_per_param(r.xy_decoder, s)
-        + codebooks * ELEMENT_BYTES["fp32" if r.xy_decoder == "fp32" else "fp16"],
-        f"{XY_DECODE_PARAMS / 1e6:.1f}M params at {r.xy_decoder} + {codebooks / 1e6:.1f}M codebook entries")
-    add("weights", "CAM++", CAMPP_PARAMS * bytes_per_param(r.campplus, s), f"{CAMPP_PARAMS / 1e6:.2f}M params at {r.campplus}")
+    xy_params, tables = xy.param_count(), xy.table_count()
+    add("weights", "XY decoder", xy_params * bytes_per_param(r.xy_decoder, s)
+        + tables * ELEMENT_BYTES["fp32" if r.xy_decoder == "fp32" else "fp16"],
+        f"{xy_params / 1e6:.1f}M params at {r.xy_decoder} + {tables / 1e6:.1f}M codebook, position and ISTFT "
+        "table entries")
+    campp = cfg.campplus.param_count()
+    add("weights", "CAM++", campp * bytes_per_param(r.campplus, s), f"{campp / 1e6:.2f}M params at {r.campplus}")
     if options.voice_design:
         from .voice_design_plan import voice_design_cost
 

@@ -48,6 +48,17 @@ class SenseVoiceConfig:
     lfr_n: int = 6
     n_mels: int = 80
 
+    def param_count(self) -> int:
+        """Parameters of the encoder as export/models/sensevoice.py builds it (the CTC head aside)."""
+        d, u = self.output_size, self.linear_units
+
+        def layer(width_in: int) -> int:
+            attention = width_in * 3 * d + 3 * d + d * self.kernel_size + d * d + d  # qkv, FSMN conv, out
+            return 2 * width_in + attention + 2 * d + d * u + u + u * d + d  # two LayerNorms, feed-forward
+
+        return (self.embed_rows * self.input_size + layer(self.input_size)
+                + (self.num_blocks - 1 + self.tp_blocks) * layer(d) + 2 * 2 * d)  # after_norm, tp_norm
+
 
 @dataclass(frozen=True)
 class ProjectorConfig:
@@ -161,6 +172,39 @@ class XYDecoderConfig:
         # one code frame -> 4 (upsample) x 2 (acoustic decoder) mel frames -> hop samples each
         return self.upsample_factor * 2 * self.hop_length
 
+    def param_count(self) -> int:
+        """Parameters of the decode path as export/models/xy_decoder.py builds it: the RVQ output
+        projection, adapter, upsampler, acoustic decoder and Vocos. Codebooks and tables are buffers
+        (`table_count`)."""
+        a, d = self.adapter, self.decoder.d_model
+        rvq, out = self.rvq_output_dim, self.adapter_output_dim
+        # The adapter projects in and out only where the widths differ.
+        adapter = (rvq * a.d_model + a.d_model if rvq != a.d_model else 0) + _stack_params(a) \
+            + (a.d_model * out + out if out != a.d_model else 0)
+        upsample = out * d * self.upsample_factor  # ConvTranspose1d, no bias
+        # Two transposed convs of kernel 3 (d -> d, d -> n_mels) with biases.
+        acoustic = _stack_params(self.decoder) + 3 * d * d + d + 3 * d * self.n_mels + self.n_mels
+        v, i = self.vocos_dim, self.vocos_intermediate
+        convnext = 7 * v + v + 2 * v + v * i + i + i * v + v + v  # depthwise conv, LayerNorm, MLP, layer scale
+        vocos = (7 * self.n_mels * v + v + 2 * v + self.vocos_layers * convnext + 2 * v
+                 + v * (self.n_fft + 2) + self.n_fft + 2)  # embed conv, norms, ISTFT head
+        rvq_out = self.code_dim * self.rvq_output_dim + self.rvq_output_dim
+        return rvq_out + adapter + upsample + acoustic + vocos
+
+    def table_count(self) -> int:
+        """Floats the graph holds besides parameters: codebooks, both position tables, the ISTFT
+        window and its inverse-DFT basis (2 x (n_fft/2 + 1) x n_fft, the largest in a tiny preset)."""
+        codebooks = self.num_quantizers * self.codebook_size * self.code_dim
+        positions = sum(s.max_positions * s.d_model for s in (self.adapter, self.decoder))
+        return codebooks + positions + self.n_fft + 2 * (self.n_fft // 2 + 1) * self.n_fft
+
+
+def _stack_params(s: TransformerStackConfig) -> int:
+    """A pre-LN transformer stack: per layer q/v/out projections with biases, k without, two
+    LayerNorms and the GELU MLP; then the final LayerNorm."""
+    d, f = s.d_model, s.ffn_dim
+    return s.layers * (4 * d * d + 3 * d + 2 * 2 * d + d * f + f + f * d + d) + 2 * d
+
 
 @dataclass(frozen=True)
 class CamPPConfig:
@@ -178,6 +222,29 @@ class CamPPConfig:
     fcm_blocks: tuple[int, ...] = (2, 2)
     chunk_seconds: float = 10.0
     max_seconds: float = 90.0
+
+    def param_count(self) -> int:
+        """Parameters of export/models/campplus.py's CAMPPlus (BatchNorm running statistics are buffers)."""
+        m = self.fcm_channels
+
+        def res_block(stride: int) -> int:
+            shortcut = m * m + 2 * m if stride != 1 else 0  # every block is m -> m wide
+            return 9 * m * m + 2 * m + 9 * m * m + 2 * m + shortcut
+
+        fcm = 9 * m + 2 * m + sum(res_block(2) + (n - 1) * res_block(1) for n in self.fcm_blocks) + 9 * m * m + 2 * m
+        c = self.init_channels
+        total = fcm + m * (self.feat_dim // 8) * c * 5 + 2 * c  # TDNN, kernel 5, and its BatchNorm
+        g = self.growth_rate
+        bn = self.bn_size * g
+        for n_layers, kernel in zip(self.block_layers, self.block_kernels):
+            for i in range(n_layers):
+                width = c + i * g
+                cam = bn * g * kernel + bn * (bn // 2) + bn // 2 + (bn // 2) * g + g
+                total += 2 * width + width * bn + 2 * bn + cam
+            c += n_layers * g
+            total += 2 * c + c * (c // 2)  # transit: BatchNorm, 1x1 conv halving the channels
+            c //= 2
+        return total + 2 * c + 2 * c * self.embedding_size  # BatchNorm, dense 1x1 conv (its BatchNorm has no affine)
 
 
 @dataclass(frozen=True)
