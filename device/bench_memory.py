@@ -8,7 +8,8 @@ Each bundle is measured in a fresh interpreter:
   no bundle: the baseline), after `Engine(bundle)`, and after a prefill and greedy decode steps;
   at both points also after glibc's malloc_trim, since loading parses each graph's protobuf on the
   heap (a real-width encoder or XY decoder is one inline GB) and malloc keeps much of what it frees
-  (0.7 GB of a 4.4 GB load for the real-width 4B); and the peak (VmHWM) the load reached;
+  (0.7 GB of a 4.4 GB load for the real-width 4B: `Engine` now trims after loading, so the two
+  agree there); and the peak (VmHWM) the load reached;
 - the tensors each loaded graph holds (initializers, external ones by their recorded length, and
   Constant-node tensors), read with onnx without loading any data;
 - the bytes a decode step reads: the fused decode graph's tensors (of its rope tables one row per
@@ -23,8 +24,6 @@ session structures and arena, so its ratio says how far fixed costs dominate a s
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from rich.table import Table
 
 from qinyu_edge.config import ModelConfig
 from qinyu_edge.runtime.engine import DECODE, Engine
+from qinyu_edge.runtime.heap import trim_heap
 from qinyu_edge.validate import COUNT
 
 from .cpu_plan import FAULT_AROUND_BYTES, LARGE_FOLIO_BYTES, CpuPlan, cpu_plan
@@ -68,11 +68,8 @@ class Rss:
 
 def rss_now() -> Rss:
     held = rss_bytes()
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is None or not hasattr(libc, "malloc_trim"):  # not glibc: nothing to trim
+    if not trim_heap():  # not glibc: nothing to trim
         return Rss(held, held)
-    libc.malloc_trim(0)
     return Rss(held, rss_bytes())
 
 

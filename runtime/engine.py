@@ -31,6 +31,7 @@ from qinyu_edge.validate import check_context
 
 from .frontend import FrontendConfig, SenseVoiceFrontend, campplus_chunks, campplus_fbank
 from .generate import Generator
+from .heap import trim_heap
 from .host_embedding import HostEmbedding
 from .kv_cache import NULL_ROWS, KVCache
 from .session import Session, open_session
@@ -120,6 +121,7 @@ class Engine:
             prefill_chunk=min(PREFILL_CHUNK, self.spec(main).shape_ranges["seq"][2]),
             fused=self.sessions[DECODE] if self.fused else None,
         )
+        trim_heap()
 
     def _has_plan_or_ort(self, name: str) -> bool:
         """With an engine set, a component runs as a plan; one built before the fused graph existed
