@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
+from qinyu_edge.peak_memory import peak_line
 from qinyu_edge.validate import COUNT
 
 
@@ -87,12 +89,21 @@ def accuracy_table(report: Any) -> list[Any]:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    console = _console()
+    t0 = time.perf_counter()
+    rc = _quantize(args, console)
+    console.print(peak_line("quantize", time.perf_counter() - t0))
+    return rc
+
+
+def _quantize(args: argparse.Namespace, console: Any) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
     from qinyu_edge.bundle import load_bundle, write_manifest
 
     from .calibration import CalibrationSet, capture
     from .quantize import check_target, get_recipe, plan_components, quantize_bundle
 
-    console = _console()
     recipe = get_recipe(args.recipe, lm_head=args.lm_head, embedding=args.embedding)
     target = None
     if args.target:
@@ -111,12 +122,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         calibration.save(args.save_calibration)
         console.print(f"calibration set written to [bold]{args.save_calibration}[/bold]")
 
-    def progress(name: str, i: int, n: int) -> None:
-        if name != "manifest":
-            console.print(f"[{i + 1}/{n}] {name}: {recipe.for_component(name).method}")
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                   TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    task = bar.add_task("quantize", total=None)
 
-    bundle = quantize_bundle(args.bundle, args.out, recipe, components=args.components, target=target,
-                             calibration=calibration, force=args.force, progress=progress)
+    def progress(name: str, i: int, n: int) -> None:
+        # One step per component, then one for the fused decode graphs and the manifest.
+        what = "fused decode graphs and manifest" if name == "manifest" else f"{name}: {recipe.for_component(name).method}"
+        bar.update(task, total=n + 1, completed=i, description=f"quantize {what}")
+
+    with bar:
+        bundle = quantize_bundle(args.bundle, args.out, recipe, components=args.components, target=target,
+                                 calibration=calibration, force=args.force, progress=progress)
+        bar.update(task, completed=bar.tasks[0].total, description="quantized")
     console.print(size_table(source, bundle))
     console.print(f"quantized bundle written to [bold]{bundle.root}[/bold]")
     if args.no_accuracy:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from qinyu_edge.runtime.kv_cache import NULL_ROWS
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from safetensors.numpy import save_file as save_numpy
 
@@ -280,7 +280,7 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
         rows: list[dict[str, object]] = []
         timings: dict[str, float] = {}
         progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TimeElapsedColumn(), console=console, transient=False)
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
         with progress:
             task = progress.add_task("exporting", total=2 * len(comps) + 2)
             for comp in comps:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from .errors import QinyuError
 from .failures import report
+from .peak_memory import peak_line
 from .validate import COUNT, NON_NEGATIVE, check_max_context, real
 
 log = logging.getLogger("qinyu_edge")
@@ -18,9 +20,16 @@ log = logging.getLogger("qinyu_edge")
 def cmd_export(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    rc = _cmd_export(args, console)
+    console.print(peak_line("export", time.perf_counter() - t0))
+    return rc
+
+
+def _cmd_export(args: argparse.Namespace, console) -> int:
     from .export.qinyu_checkpoint import load_preset, load_qinyu
 
-    console = Console(stderr=True)
     if args.preset and args.max_context is not None:  # before minutes of building (a checkpoint's is checked on load)
         from .config import preset
 

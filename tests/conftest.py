@@ -1,5 +1,7 @@
 import os
+import re
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -27,3 +29,17 @@ def flip_byte():
             f.write(bytes([byte[0] ^ 0xFF]))
 
     return flip
+
+
+@pytest.fixture
+def assert_peak_line():
+    """`export` and `quantize` end with their time and peak memory: at least what this process holds now."""
+
+    def check(printed: str, what: str) -> None:
+        m = re.search(rf"{what} took \d+ s; peak memory ([0-9.]+) GB", " ".join(printed.split()))
+        assert m, printed[-500:]
+        status = Path("/proc/self/status").read_text().splitlines()
+        rss_kib = int(next(x for x in status if x.startswith("VmRSS:")).split()[1])
+        assert (float(m.group(1)) + 0.005) * 1e9 >= rss_kib * 1024  # printed to 0.01 GB
+
+    return check

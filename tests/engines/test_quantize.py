@@ -263,7 +263,7 @@ def test_refused_component_leaves_no_bundle(tiny4b, calib, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cli_quantizes_and_reports_accuracy(tiny4b, calib, tmp_path, capsys):
+def test_cli_quantizes_and_reports_accuracy(tiny4b, calib, tmp_path, capsys, assert_peak_line):
     cal = tmp_path / "calib"
     calib.save(cal)
     out = tmp_path / "q"
@@ -272,6 +272,7 @@ def test_cli_quantizes_and_reports_accuracy(tiny4b, calib, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "greedy tokens vs fp32" in printed and "audio_projector" in printed
+    assert_peak_line(printed, "quantize")
     b = load_bundle(out)  # every file matches its sha256
     assert b.origin["precision"]["audio_projector"] == "int8"
     assert b.origin["precision"]["speaker_projector"] == "fp16"  # the int8 recipe keeps it fp16

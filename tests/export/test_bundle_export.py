@@ -133,11 +133,12 @@ def test_failed_export_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_force_replaces_an_existing_bundle(tmp_path):
+def test_force_replaces_an_existing_bundle(tmp_path, capsys, assert_peak_line):
     out = tmp_path / "b"
     out.mkdir()
     (out / "stale.txt").write_text("old")
     assert main(["export", "--preset", "tiny-8b", "--out", str(out), "--force"]) == 0
+    assert_peak_line(capsys.readouterr().err, "export")
     assert not (out / "stale.txt").exists()
     assert load_bundle(out).config.name == "tiny-8b"
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
