@@ -283,31 +283,39 @@ PREFILL_TURNS = ("What is the weather like today?", "Tell me a short story.", "W
                  "How far away is the moon?", "Thank you, that helps.")
 
 
-def prefill_growth(bundle: Path | None, directory: Path, console: Console, turns: int = 20, steps: int = 24) -> None:
+def prefill_growth(bundle: Path | None, directory: Path, console: Console, turns: int = 20, steps: int = 24,
+                   repeats: int = 3) -> None:
     """A scripted spoken conversation of `turns` turns, with and without cross-turn KV reuse (and the
     idle-time prefill of each reply's text form, as the voice loop runs it): prompt positions, positions
-    actually run, and prefill ms at turns 2, 10 and 20."""
+    actually run, and prefill ms at turns 2, 10 and 20 (the median of `repeats` runs of the conversation:
+    a prefill of a few dozen positions takes about a millisecond, within one run's noise)."""
     from qinyu_edge.export.bundle_export import preset_bundle
     from qinyu_edge.runtime.conversation import Conversation
     from qinyu_edge.runtime.engine import Engine
 
     engine = Engine(bundle or preset_bundle("tiny-8b"))
     clips = [_say(Say(t, ("en-us", "en-gb")[i % 2]), directory) for i, t in enumerate(PREFILL_TURNS)]
-    t = Table(title=f"prefill over a {turns}-turn spoken conversation ({bundle or 'tiny-8b'}, replies of {steps} steps)")
+    t = Table(title=f"prefill over a {turns}-turn spoken conversation ({bundle or 'tiny-8b'}, replies of {steps} steps, "
+                    f"median ms of {repeats} runs)")
     for c in ("window", "reuse", "turn", "prompt positions", "positions run", "prefill ms"):
         t.add_column(c, justify="right")
     for num_history in (None, 4):
         for reuse in (False, True):
-            conv = Conversation(engine, max_new_tokens=steps, reuse_cache=reuse, num_history=num_history)
-            for i in range(turns):
-                reply = conv.ask(clips[i % len(clips)], commit=False)
-                conv.prefill_ahead(reply)
-                conv.commit_turn(reply)
-                if i + 1 in (2, 10, 20):
-                    tm = reply.timings
-                    t.add_row("all turns" if num_history is None else f"{num_history} turns", "yes" if reuse else "no",
-                              str(i + 1), str(tm.prefill_positions), str(tm.prefill_positions - tm.reused_positions),
-                              f"{tm.prefill_ms:.1f}")
+            ms: dict[int, list[float]] = {n: [] for n in (2, 10, 20) if n <= turns}
+            positions: dict[int, tuple[int, int]] = {}  # (prompt, reused): the same in every run
+            for _ in range(repeats):
+                conv = Conversation(engine, max_new_tokens=steps, reuse_cache=reuse, num_history=num_history)
+                for i in range(turns):
+                    reply = conv.ask(clips[i % len(clips)], commit=False)
+                    conv.prefill_ahead(reply)
+                    conv.commit_turn(reply)
+                    if i + 1 in ms:
+                        ms[i + 1].append(reply.timings.prefill_ms)
+                        positions[i + 1] = reply.timings.prefill_positions, reply.timings.reused_positions
+            for n, runs in ms.items():
+                total, reused = positions[n]
+                t.add_row("all turns" if num_history is None else f"{num_history} turns", "yes" if reuse else "no",
+                          str(n), str(total), str(total - reused), f"{statistics.median(runs):.1f}")
     t.caption = "window: history kept in the prompt (chat's --num-history); a dropped turn changes the prompt after the system prompt"
     console.print(t)
 
