@@ -40,6 +40,7 @@ from qinyu_edge.runtime.heap import trim_heap
 from qinyu_edge.validate import COUNT
 
 from .cpu_plan import FAULT_AROUND_BYTES, LARGE_FOLIO_BYTES, CpuPlan, cpu_plan
+from .telemetry import peak_rss_bytes, rss_bytes
 
 PROMPT = ("<|im_start|>system\nYou are a helpful voice assistant.<|im_end|>\n<|im_start|>user\n"
           "Tell me about the sea, and why it is salty.<|im_end|>\n<|im_start|>assistant\n")
@@ -49,15 +50,10 @@ ROPE_TABLES = ("cos_cache", "sin_cache")
 MiB = 2**20
 
 
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status: the memory benchmark needs Linux")
-
-
-def rss_bytes() -> int:
-    return _status_bytes("VmRSS")
+def _linux(value: int | None) -> int:
+    if value is None:
+        raise RuntimeError("no /proc/self/status to read memory from: the memory benchmark needs Linux")
+    return value
 
 
 @dataclass(frozen=True)
@@ -67,10 +63,10 @@ class Rss:
 
 
 def rss_now() -> Rss:
-    held = rss_bytes()
+    held = _linux(rss_bytes())
     if not trim_heap():  # not glibc: nothing to trim
         return Rss(held, held)
-    return Rss(held, rss_bytes())
+    return Rss(held, _linux(rss_bytes()))
 
 
 @dataclass(frozen=True)
@@ -150,7 +146,7 @@ def measure(bundle: str | Path, steps: int = 100) -> MemoryMeasurement:
     the module docstring says. The RSS baseline is this process's RSS on entry."""
     baseline = rss_now().trimmed
     engine = Engine(bundle)
-    peak = _status_bytes("VmHWM")
+    peak = _linux(peak_rss_bytes())
     loaded = rss_now()
     ids = np.asarray(engine.tokenizer.encode(PROMPT).ids, np.int64)
     reply = engine.generator.generate(engine.prompt_embeds(ids, [], [], [], []), max_new_tokens=steps)

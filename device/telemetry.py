@@ -56,6 +56,14 @@ def peak_rss_bytes() -> int | None:
     return kib * 1024
 
 
+def peak_line(what: str, seconds: float) -> str:
+    """The line `export` and `quantize` end with: how long the work took and the most memory it held,
+    the figure a user plans the next real-size run's machine by."""
+    peak = peak_rss_bytes()
+    held = "unknown" if peak is None else f"{peak / 1e9:.2f} GB"
+    return f"{what} took {seconds:.0f} s; peak memory {held} (resident high-water mark)"
+
+
 # --- host memory bandwidth ----------------------------------------------------------------------
 
 @dataclass(frozen=True)

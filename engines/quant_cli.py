@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qinyu_edge.peak_memory import peak_line
+from qinyu_edge.device.telemetry import peak_line
 from qinyu_edge.validate import COUNT
 
 

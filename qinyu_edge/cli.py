@@ -11,7 +11,6 @@ from pathlib import Path
 
 from .errors import QinyuError
 from .failures import report
-from .peak_memory import peak_line
 from .validate import COUNT, NON_NEGATIVE, check_max_context, real
 
 log = logging.getLogger("qinyu_edge")
@@ -19,6 +18,8 @@ log = logging.getLogger("qinyu_edge")
 
 def cmd_export(args: argparse.Namespace) -> int:
     from rich.console import Console
+
+    from .device.telemetry import peak_line
 
     console = Console(stderr=True)
     t0 = time.perf_counter()

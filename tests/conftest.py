@@ -1,7 +1,6 @@
 import os
 import re
 import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -38,8 +37,8 @@ def assert_peak_line():
     def check(printed: str, what: str) -> None:
         m = re.search(rf"{what} took \d+ s; peak memory ([0-9.]+) GB", " ".join(printed.split()))
         assert m, printed[-500:]
-        status = Path("/proc/self/status").read_text().splitlines()
-        rss_kib = int(next(x for x in status if x.startswith("VmRSS:")).split()[1])
-        assert (float(m.group(1)) + 0.005) * 1e9 >= rss_kib * 1024  # printed to 0.01 GB
+        from qinyu_edge.device.telemetry import rss_bytes
+
+        assert (float(m.group(1)) + 0.005) * 1e9 >= rss_bytes()  # printed to 0.01 GB
 
     return check

@@ -1,19 +1,12 @@
 """The heap trim the engine runs after its load really hands freed heap pages back."""
 
 import ctypes.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from qinyu_edge.device.telemetry import rss_bytes as rss
 from qinyu_edge.runtime.heap import trim_heap
-
-
-def rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
 
 
 def test_freed_heap_is_handed_back():
