@@ -7,6 +7,7 @@ export never leaves half a bundle under the requested name.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -14,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,8 +46,10 @@ from qinyu_edge.validate import check_max_context
 from .models.backbone import Qwen3Backbone
 from .models.heads import HeadsGreedy, HeadsLogits
 from .onnx_io import OPSET, compare, export_onnx, run_onnx
+from .layer_parity import layer_parity
 from .ort_backbone import ORT_BACKBONE_FILE, variant_parity, variant_spec, write_ort_backbone
 from .qinyu_checkpoint import QinYuModel
+from .weight_stream import WeightSource, export_streamed
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,10 @@ class Component:
     parity_inputs: list[Inputs]
     description: str
     ort_disabled_optimizers: tuple[str, ...] = ()
+    # Exported with `export_streamed`; with `weights` set, the module is hollow and its weights
+    # are read from there one tensor at a time (and parity runs layer by layer).
+    streamed: bool = False
+    weights: WeightSource | None = None
 
 
 def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
@@ -143,6 +151,7 @@ def components(model: QinYuModel, max_context: int, seed: int = 1234) -> list[Co
             ids(3, 8),
             [ids(1, 1), ids(9, 1), ids(1, 8), ids(3, 8)],
             "text step: one id; audio step: mean of the 8 codebook rows",
+            streamed=True,
         ),
         Component(
             "backbone", model.backbone, ["inputs_embeds", "past_length", *cache_in], ["hidden", *cache_out],
@@ -154,11 +163,13 @@ def components(model: QinYuModel, max_context: int, seed: int = 1234) -> list[Co
             f"{NULL_ROWS} row(s), past_length positions, then masked rows of the host's window "
             f"(rows = {NULL_ROWS} + window); returns only the new positions"
             + ("; MLA caches the normed latent and the roped key" if b.is_mla else ""),
+            streamed=True, weights=model.backbone_weights,
         ),
         Component(
             "heads_logits", HeadsLogits(model.heads), ["hidden"], ["logits"], {}, {},
             {"hidden": _randn(g, 1, h)}, [{"hidden": _randn(g, 1, h)} for _ in range(2)],
             "raw lm_head logits of the last position (for sampling on the host)",
+            streamed=True,
         ),
         Component(
             "heads_greedy", HeadsGreedy(model.heads), ["hidden", "history"], ["ids"], {}, {},
@@ -166,6 +177,7 @@ def components(model: QinYuModel, max_context: int, seed: int = 1234) -> list[Co
             [greedy_inputs(a + 7, [a + 7, a + 7, a + 3], 0.1), greedy_inputs(a + 2, [], 0.1),
              greedy_inputs(model.layout.im_end, [a + 1], 0.1), greedy_inputs(65, [a + 65], 0.5)],
             "official greedy step fused: masked text head, codebook-0 repetition penalty, 8 ids",
+            streamed=True,
         ),
         Component(
             "xy_decoder", model.xy, ["codes"], ["wav"],
@@ -212,7 +224,21 @@ def _dims_label(comp: Component, feeds: Inputs) -> str:
         f"{k}{list(t.shape)}" for k, t in feeds.items())
 
 
-def parity(comp: Component, path: Path) -> list[dict[str, object]]:
+def _meta_outputs(comp: Component) -> dict[str, np.ndarray]:
+    """A hollow module's outputs on the trace inputs as shapes and dtypes only (run on the meta
+    device, so no weight is needed): zero-strided arrays of the right shape, for the spec."""
+    module = copy.deepcopy(comp.module).to("meta")
+    with torch.no_grad():
+        out = module(*[comp.trace_inputs[n].to("meta") for n in comp.inputs])
+    if isinstance(out, torch.Tensor):
+        out = (out,)
+    return {n: np.broadcast_to(np.zeros((), torch.empty(0, dtype=t.dtype).numpy().dtype), tuple(t.shape))
+            for n, t in zip(comp.outputs, out)}
+
+
+def parity(comp: Component, path: Path, progress: Callable[[int, int], None] | None = None) -> list[dict[str, object]]:
+    if comp.weights is not None:
+        return layer_parity(path, comp.module, comp.weights, comp.parity_inputs, PARITY_TOLERANCE, progress)
     rows = []
     for feeds in comp.parity_inputs:
         ref = _torch_outputs(comp, feeds)
@@ -241,7 +267,9 @@ def _ort_variants(model: QinYuModel, comps: list[Component], folder: Path, max_c
     PyTorch like the components; its parity rows join `rows`."""
     progress.update(task, description="export backbone (ort cpu)")
     variants = {}
-    if isinstance(model.backbone, Qwen3Backbone):
+    if model.backbone_weights is not None:
+        log.info("no ONNX Runtime CPU variant for a backbone exported from the shards: runtimes use backbone.onnx")
+    elif isinstance(model.backbone, Qwen3Backbone):
         backbone = next(c for c in comps if c.name == "backbone")
         path = folder / ORT_BACKBONE_FILE
         write_ort_backbone(model.backbone, path, folder / "backbone.onnx")
@@ -284,16 +312,24 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
         with progress:
             task = progress.add_task("exporting", total=2 * len(comps) + 2)
             for comp in comps:
+                def step(what: str) -> Callable[[int, int], None]:
+                    return lambda k, n: progress.update(task, description=f"{what} ({k}/{n})")
+
                 progress.update(task, description=f"export {comp.name}")
                 t0 = time.perf_counter()
-                path = export_onnx(comp.module, tuple(comp.trace_inputs[n] for n in comp.inputs),
-                                   tmp / f"{comp.name}.onnx", comp.inputs, comp.outputs, comp.dynamic_axes)
+                args = tuple(comp.trace_inputs[n] for n in comp.inputs)
+                if comp.streamed:
+                    path = export_streamed(comp.module, args, tmp / f"{comp.name}.onnx", comp.inputs, comp.outputs,
+                                           comp.dynamic_axes, comp.weights, step(f"export {comp.name}: weights"))
+                else:
+                    path = export_onnx(comp.module, args, tmp / f"{comp.name}.onnx", comp.inputs, comp.outputs,
+                                       comp.dynamic_axes)
                 timings[comp.name] = time.perf_counter() - t0
                 progress.advance(task)
                 progress.update(task, description=f"parity {comp.name}")
-                rows += parity(comp, path)
+                rows += parity(comp, path, step(f"parity {comp.name}: pieces"))
                 progress.advance(task)
-                ref = _torch_outputs(comp, comp.trace_inputs)
+                ref = _meta_outputs(comp) if comp.weights is not None else _torch_outputs(comp, comp.trace_inputs)
                 specs[comp.name] = ComponentSpec(
                     name=comp.name, file=path.name,
                     inputs=_spec(comp.inputs, [comp.trace_inputs[n].numpy() for n in comp.inputs], comp.dynamic_axes),
@@ -304,7 +340,11 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
             variants = _ort_variants(model, comps, tmp, max_context, rows, progress, task)
             progress.update(task, description="fused decode graphs")
             specs, variants, host_embedding = derive_decode(tmp, specs, variants)
-            rows += check_decode(tmp, specs)
+            if model.backbone_weights is None:
+                rows += check_decode(tmp, specs)
+            else:
+                # Running it would hold the whole backbone; it joins two graphs checked above.
+                log.info("fused decode graph not run: the backbone was checked layer by layer")
             progress.advance(task)
         console.print(parity_table(rows))
 

@@ -23,7 +23,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -38,8 +38,8 @@ from qinyu_edge.errors import CheckpointError, ConfigError
 from qinyu_edge.fileio import atomic_path, atomic_write_text
 from qinyu_edge.tokens import TokenLayout
 
-from .checkpoint_checks import FP16_MAX, check_dtypes, fp16_overflow, truncation
-from .models.backbone import build_backbone
+from .checkpoint_checks import FP16_MAX, check_dtypes, fp16_overflow, read_header, truncation
+from .models.backbone import build_backbone, hollow_backbone
 from .models.campplus import CAMPPlus
 from .models.heads import Embedding, Heads
 from .models.projector import Projector
@@ -61,6 +61,8 @@ XY_CKPT = "xy_tokenizer.ckpt"
 CAMPPLUS_BIN = "campplus_cn_common.bin"
 SPEAKERS_PT = "spk2embeds_roleplay.pt"
 INDEX = "model.safetensors.index.json"
+# A backbone above this (float32) is exported from the shards tensor by tensor, never built whole.
+STREAM_BACKBONE_BYTES = 2 << 30
 
 
 @dataclass
@@ -82,6 +84,8 @@ class QinYuModel:
     campplus: CAMPPlus
     speakers: dict[str, np.ndarray]
     origin: dict[str, Any] = field(default_factory=dict)
+    # Set when `backbone` is hollow (parameters on the meta device): its weights by module name.
+    backbone_weights: Callable[[str], np.ndarray] | None = None
 
     def eval(self) -> "QinYuModel":
         for m in (self.encoder, self.audio_projector, self.speaker_projector, self.backbone,
@@ -132,37 +136,78 @@ def read_backbone_config(folder: Path) -> tuple[str, BackboneConfig, dict[str, A
     return variant, cfg, raw
 
 
-def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a sharded (index + shards) or single-file safetensors checkpoint."""
-    index = folder / INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
-        shards = sorted(set(weight_map.values()))
-        absent = [s for s in shards if not (folder / s).is_file()]
-        if absent:
-            raise CheckpointError(
-                f"{folder}: {INDEX} names {len(absent)} shard(s) that are not there: {', '.join(absent)}. "
-                "The download is incomplete; fetch the missing shards."
-            )
-    else:
-        shards = sorted(p.name for p in folder.glob("*.safetensors"))
-        weight_map = None
-        if not shards:
-            raise CheckpointError(f"{folder} has no safetensors weights (no {INDEX}, no *.safetensors).")
-    state: dict[str, torch.Tensor] = {}
-    for shard in shards:
-        try:
-            with safe_open(str(folder / shard), framework="pt") as f:
-                for key in f.keys():
-                    state[key] = f.get_tensor(key)
-        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-            why = truncation(folder / shard) or str(e)
-            raise CheckpointError(f"{folder / shard} is not a readable safetensors file ({why}). Re-download it.") from e
-    if weight_map is not None:
-        lost = sorted(k for k in weight_map if k not in state)
-        if lost:
-            raise CheckpointError(f"{folder}: {len(lost)} key(s) listed in {INDEX} are in no shard: {lost[:10]}.")
-    return state
+class SafetensorsFolder(Mapping[str, torch.Tensor]):
+    """The tensors of a sharded (index + shards) or single-file safetensors checkpoint, read one
+    at a time when asked for: a real-size model is never held whole. Every shard's header is
+    read (and checked) when the folder is opened."""
+
+    def __init__(self, folder: Path) -> None:
+        index = folder / INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            shards = sorted(set(weight_map.values()))
+            absent = [s for s in shards if not (folder / s).is_file()]
+            if absent:
+                raise CheckpointError(
+                    f"{folder}: {INDEX} names {len(absent)} shard(s) that are not there: {', '.join(absent)}. "
+                    "The download is incomplete; fetch the missing shards."
+                )
+        else:
+            shards = sorted(p.name for p in folder.glob("*.safetensors"))
+            weight_map = None
+            if not shards:
+                raise CheckpointError(f"{folder} has no safetensors weights (no {INDEX}, no *.safetensors).")
+        self._where: dict[str, tuple[Path, int, dict]] = {}
+        for shard in shards:
+            path = folder / shard
+            why = truncation(path)
+            try:
+                if why:
+                    raise ValueError(why)
+                with safe_open(str(path), framework="pt"):
+                    pass  # the library's own validation of the header and offsets
+            except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+                raise CheckpointError(f"{path} is not a readable safetensors file ({why or e}). Re-download it.") from e
+            start, header = read_header(path)
+            self._where.update({k: (path, start, v) for k, v in header.items() if k != "__metadata__"})
+        if weight_map is not None:
+            lost = sorted(k for k in weight_map if k not in self._where)
+            if lost:
+                raise CheckpointError(f"{folder}: {len(lost)} key(s) listed in {INDEX} are in no shard: {lost[:10]}.")
+        self.folder = folder
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        # Read, not memory-mapped: mapped shard pages would count as this process's resident
+        # memory long after each tensor is used, up to the whole checkpoint.
+        path, start, info = self._where[key]
+        lo, hi = info["data_offsets"]
+        buf = bytearray(hi - lo)
+        with open(path, "rb") as f:
+            f.seek(start + lo)
+            if f.readinto(buf) != len(buf):
+                raise CheckpointError(f"{path}: tensor {key} is cut short. Re-download the shard.")
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {key} has dtype {info['dtype']}, which no VITA-QinYu checkpoint uses.")
+        if not buf:
+            return torch.empty(info["shape"], dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def meta(self) -> dict[str, torch.Tensor]:
+        """Every tensor's shape and dtype, read from the headers (meta tensors: no data)."""
+        return {k: torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES.get(info["dtype"], torch.uint8), device="meta")
+                for k, (_, _, info) in self._where.items()}
+
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
 
 
 def read_tokenizer(folder: Path) -> tuple[Tokenizer, TokenLayout]:
@@ -173,14 +218,20 @@ def read_tokenizer(folder: Path) -> tuple[Tokenizer, TokenLayout]:
     return tok, TokenLayout.from_tokenizer(tok)
 
 
-def _sub(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+def _sub(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix`, read (only those), keyed without it."""
+    return {k[len(prefix):]: state[k] for k in state if k.startswith(prefix)}
 
 
 def load_qinyu(checkpoint: str | os.PathLike, sensevoice: str | os.PathLike, models: str | os.PathLike,
                *, name: str | None = None, campplus_config: CamPPConfig | None = None,
-               projector_eps: float | None = None, tiny: bool = False) -> QinYuModel:
-    """Build a QinYuModel from the three real folders (see the module docstring)."""
+               projector_eps: float | None = None, tiny: bool = False,
+               stream_backbone: bool | None = None) -> QinYuModel:
+    """Build a QinYuModel from the three real folders (see the module docstring).
+
+    `stream_backbone` leaves the backbone's layers hollow and reads their weights from the shards
+    only when export writes them (`QinYuModel.backbone_weights`); by default, when the backbone's
+    float32 weights exceed `STREAM_BACKBONE_BYTES`."""
     ckpt, sv_dir, models_dir = Path(checkpoint), Path(sensevoice), Path(models)
     for label, p in (("--checkpoint", ckpt), ("--sensevoice", sv_dir), ("--xy", models_dir)):
         if not p.is_dir():
@@ -206,7 +257,8 @@ def load_qinyu(checkpoint: str | os.PathLike, sensevoice: str | os.PathLike, mod
         speaker_projector=ProjectorConfig(raw.get("speaker_embedding_size", SPEAKER_DIM), h, norm, eps),
     )
 
-    state = read_safetensors_folder(ckpt)
+    state = SafetensorsFolder(ckpt)
+    shapes = state.meta()
     overflow = fp16_overflow(state)
     if overflow:
         # Not an error: the fp32 export keeps them; an fp16 engine would turn them into inf.
@@ -223,12 +275,13 @@ def load_qinyu(checkpoint: str | os.PathLike, sensevoice: str | os.PathLike, mod
         # without model.audio_model.* leave those weights in place.
         load_sensevoice_state(encoder, unwrap_state_dict(torch_load(sv_dir / "model.pt"), str(sv_dir / "model.pt")))
         sv_source = "SenseVoiceSmall model.pt"
+    del sv_state
     log.info("SenseVoice weights from %s", sv_source)
 
     audio_projector = Projector(cfg.audio_projector)
     speaker_projector = Projector(cfg.speaker_projector)
-    backbone = build_backbone(backbone_cfg)
-    rest = {k: v for k, v in state.items() if not k.startswith("model.audio_model.")}
+    backbone = hollow_backbone(backbone_cfg)
+    rest = {k: v for k, v in shapes.items() if not k.startswith("model.audio_model.")}
     expected: dict[str, Any] = {}
     parts = {"model.audio_projection.": audio_projector, "model.speaker_projection.": speaker_projector, "model.": backbone}
     for prefix, module in parts.items():
@@ -242,17 +295,26 @@ def load_qinyu(checkpoint: str | os.PathLike, sensevoice: str | os.PathLike, mod
             expected[f"audio_heads.{i}.weight"] = (cfg.ids_per_book, hidden)
     # fused_audio_head (4B, use_audio_heads) is a concatenation of audio_heads: redundant.
     check_keys(expected, rest, f"checkpoint {ckpt}", fix, ignore_prefixes=("fused_audio_head.",))
-    check_dtypes(state, raw.get("torch_dtype"), f"checkpoint {ckpt}")
-    load_strict(audio_projector, _sub(rest, "model.audio_projection."), str(ckpt), fix)
-    load_strict(speaker_projector, _sub(rest, "model.speaker_projection."), str(ckpt), fix)
-    backbone_state = {k: v for k, v in _sub(rest, "model.").items()
-                      if not k.startswith(("audio_projection.", "speaker_projection."))}
-    load_strict(backbone, backbone_state, str(ckpt), fix)
-    embed = backbone.embed_tokens.weight.detach().float()
-    lm_head = rest["lm_head.weight"].float() if has_head else embed
+    check_dtypes(shapes, raw.get("torch_dtype"), f"checkpoint {ckpt}")
+    load_strict(audio_projector, _sub(state, "model.audio_projection."), str(ckpt), fix)
+    load_strict(speaker_projector, _sub(state, "model.speaker_projection."), str(ckpt), fix)
+    backbone_keys = [k for k in backbone.state_dict()]
+    if stream_backbone is None:
+        stream_backbone = sum(shapes["model." + k].numel() for k in backbone_keys) * 4 > STREAM_BACKBONE_BYTES
+    backbone_weights = None
+    if stream_backbone:
+        # The layers stay hollow: export reads each weight from the shards when it writes it.
+        def backbone_weights(name: str) -> np.ndarray:
+            return state["model." + name].float().numpy()
+        log.info("backbone weights stay in the checkpoint until export streams them")
+    else:
+        backbone = build_backbone(backbone_cfg)
+        load_strict(backbone, {k: state["model." + k] for k in backbone_keys}, str(ckpt), fix)
+    embed = state["model.embed_tokens.weight"].float()
+    lm_head = state["lm_head.weight"].float() if has_head else embed
     audio_heads = None
     if backbone_cfg.use_audio_heads:
-        audio_heads = torch.stack([rest[f"audio_heads.{i}.weight"].float() for i in range(cfg.n_codebooks - 1)])
+        audio_heads = torch.stack([state[f"audio_heads.{i}.weight"].float() for i in range(cfg.n_codebooks - 1)])
 
     campplus = load_campplus(models_dir / CAMPPLUS_BIN, cfg.campplus)
     speakers = load_speaker_presets(models_dir / SPEAKERS_PT) if (models_dir / SPEAKERS_PT).is_file() else {}
@@ -261,7 +323,8 @@ def load_qinyu(checkpoint: str | os.PathLike, sensevoice: str | os.PathLike, mod
     model = QinYuModel(
         config=cfg, tokenizer=tokenizer, layout=layout, encoder=encoder.float(), cmvn_shift=shift, cmvn_scale=scale,
         audio_projector=audio_projector.float(), speaker_projector=speaker_projector.float(),
-        backbone=backbone.float(), embedding=Embedding(embed), heads=Heads(lm_head, layout, cfg.repetition_penalty, audio_heads),
+        backbone=backbone.float() if backbone_weights is None else backbone, backbone_weights=backbone_weights,
+        embedding=Embedding(embed), heads=Heads(lm_head, layout, cfg.repetition_penalty, audio_heads),
         xy=xy.float(), campplus=campplus.float(), speakers=speakers,
         origin={"checkpoint": str(ckpt.resolve()), "sensevoice": str(sv_dir.resolve()), "models": str(models_dir.resolve()),
                 "sensevoice_weights": sv_source, "fp16_overflow": overflow},

@@ -167,6 +167,15 @@ class MLABackbone(Backbone):
         return (self.cfg.kv_lora_rank + self.cfg.qk_rope_head_dim,)
 
 
+def hollow_backbone(cfg: BackboneConfig) -> Backbone:
+    """The backbone with its parameters on the meta device (shapes, no memory): what a
+    streamed export traces. Its position tables are real, as the graph folds them in."""
+    with torch.device("meta"):
+        backbone = build_backbone(cfg)
+    backbone.rotary = Rotary(2 * backbone.rotary.inv_freq.shape[0], cfg.rope_theta)
+    return backbone
+
+
 def build_backbone(cfg: BackboneConfig, absorbed: bool = True) -> Backbone:
     """The backbone for `cfg.arch`; `absorbed` picks the MLA computation (ignored for Qwen3)."""
     if cfg.arch == "qwen3":

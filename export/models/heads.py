@@ -24,7 +24,8 @@ class Embedding(nn.Module):
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        # Shares `weight`'s memory (never written): a tied matrix is then held once with the heads.
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return nn.functional.embedding(ids, self.weight).mean(dim=2)
@@ -40,11 +41,9 @@ class Heads(nn.Module):
     def __init__(self, lm_head: torch.Tensor, layout: TokenLayout, penalty: float = 1.1,
                  audio_heads: torch.Tensor | None = None):
         super().__init__()
-        self.weight = nn.Parameter(lm_head.detach().clone(), requires_grad=False)
+        self.weight = nn.Parameter(lm_head.detach(), requires_grad=False)
         # Separate heads for codebooks 1..7, [7, 1032, H], only when the checkpoint has them.
-        self.audio_heads = (
-            None if audio_heads is None else nn.Parameter(audio_heads.detach().clone(), requires_grad=False)
-        )
+        self.audio_heads = None if audio_heads is None else nn.Parameter(audio_heads.detach(), requires_grad=False)
         self.a = layout.audio_start
         self.n = layout.n_codebooks
         self.per = layout.ids_per_book

@@ -1,0 +1,252 @@
+"""Export a module's graph without holding its weights twice, then stream the weights into the file.
+
+`torch.onnx.export` keeps every parameter in its own protobuf while tracing and folding, so a
+real-size backbone needs its fp32 weights two or three times over in memory. Here the graph is
+traced with the parameters as graph *inputs* (stand-ins that are never written, so never resident
+when the module is hollow), and then each weight, or each tensor computed from weights only (a
+transpose, a concatenation of q|k|v, a norm gain times a scale), is computed one at a time from
+its source, written to the side file and dropped. The peak is the largest of those tensors, not
+the model. The result is the graph the ordinary export gives: the same nodes over the same folded
+constants.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from .onnx_io import EXTERNAL_DATA_BYTES, OPSET
+
+log = logging.getLogger(__name__)
+
+# A weight by its module name (`layers.0.mlp.up_proj.weight`), as float32.
+WeightSource = Callable[[str], np.ndarray]
+# Side-file offsets on page boundaries let ONNX Runtime map tensors instead of copying them.
+ALIGN = 4096
+INLINE_MAX_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class _Slot:
+    module: torch.nn.Module
+    attr: str
+    name: str
+    param: torch.nn.Parameter
+
+
+def _slots(module: torch.nn.Module) -> list[_Slot]:
+    return [_Slot(mod, attr, f"{prefix}.{attr}" if prefix else attr, p)
+            for prefix, mod in module.named_modules() for attr, p in mod._parameters.items() if p is not None]
+
+
+class _WeightsAsInputs(torch.nn.Module):
+    """`module` with its parameters replaced by extra forward arguments while it is traced."""
+
+    def __init__(self, module: torch.nn.Module, slots: list[_Slot], n_args: int) -> None:
+        super().__init__()
+        self.inner = module
+        self.slots = slots
+        self.n_args = n_args
+
+    def forward(self, *args: torch.Tensor) -> object:
+        for slot, value in zip(self.slots, args[self.n_args:]):
+            setattr(slot.module, slot.attr, value)
+        return self.inner(*args[: self.n_args])
+
+
+def trace_without_weights(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path,
+                          input_names: Sequence[str], output_names: Sequence[str],
+                          dynamic_axes: Mapping[str, Mapping[int, str]]) -> onnx.ModelProto:
+    """The graph of `module(*args)` whose parameters are inputs named by their module names.
+
+    A hollow module (parameters on the meta device) traces on uninitialised stand-ins: address
+    space only, since the trace reads them but never writes them. Buffers stay constants.
+    """
+    slots = _slots(module)
+    stand_ins = tuple(torch.empty(s.param.shape, dtype=s.param.dtype) if s.param.is_meta else s.param.detach()
+                      for s in slots)
+    for s in slots:
+        del s.module._parameters[s.attr]
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about python scalars are expected
+            torch.onnx.export(
+                _WeightsAsInputs(module.eval(), slots, len(args)), args + stand_ins, str(path),
+                input_names=[*input_names, *(s.name for s in slots)], output_names=list(output_names),
+                dynamic_axes=dict(dynamic_axes), opset_version=OPSET, dynamo=False, do_constant_folding=True,
+            )
+    finally:
+        for s in slots:
+            s.module.__dict__.pop(s.attr, None)
+            s.module._parameters[s.attr] = s.param
+    return onnx.load(str(path))
+
+
+class _SideFile:
+    """Appends tensors to one external-data file; small ones stay inline in the graph."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.file = open(path, "wb") if path else None
+
+    def tensor(self, name: str, value: np.ndarray) -> TensorProto:
+        value = np.ascontiguousarray(value)
+        if self.file is None or value.nbytes <= INLINE_MAX_BYTES:
+            return numpy_helper.from_array(value, name)
+        pad = -self.file.tell() % ALIGN
+        self.file.write(b"\0" * pad)
+        offset = self.file.tell()
+        self.file.write(value.tobytes())
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(value.nbytes))):
+            t.external_data.add(key=k, value=v)
+        return t
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+def _folded(graph: onnx.GraphProto, weights: set[str]) -> tuple[list[onnx.NodeProto], list[str]]:
+    """The nodes that compute from weights and constants only (removed from the graph), and the
+    tensors among their results and the weights that the rest of the graph reads (which become
+    initializers)."""
+    constant = {i.name for i in graph.initializer} | weights
+    derived = set(weights)
+    folded = []
+    for node in graph.node:
+        ins = [i for i in node.input if i]
+        if all(i in constant for i in ins):
+            constant.update(node.output)
+            if any(i in derived for i in ins):
+                derived.update(node.output)
+                folded.append(node)
+    folded_ids = {id(n) for n in folded}
+    read = {i for n in graph.node if id(n) not in folded_ids for i in n.input} | {o.name for o in graph.output}
+    boundary = [t for t in dict.fromkeys([*(i.name for i in graph.input), *(o for n in folded for o in n.output)])
+                if t in derived and t in read]
+    return folded, boundary
+
+
+def _ancestors(graph: onnx.GraphProto, target: str) -> list[onnx.NodeProto]:
+    producer = {o: n for n in graph.node for o in n.output}
+    need, seen, order = [target], set(), []
+    while need:
+        t = need.pop()
+        node = producer.get(t)
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        order.append(node)
+        need.extend(i for i in node.input if i)
+    position = {id(n): k for k, n in enumerate(graph.node)}
+    return sorted(order, key=lambda n: position[id(n)])
+
+
+def _compute(model: onnx.ModelProto, types: Mapping[str, int], target: str, weights: WeightSource) -> np.ndarray:
+    """`target` (a tensor computed from weights only) by running its part of the graph, with only
+    the weights it reads in memory."""
+    import onnxruntime as ort
+
+    g = model.graph
+    nodes = _ancestors(g, target)
+    made = {o for n in nodes for o in n.output}
+    inits = {i.name: i for i in g.initializer}
+    feeds_names = [i for n in nodes for i in n.input if i and i not in made and i not in inits]
+    feeds = {n: weights(n) for n in dict.fromkeys(feeds_names)}
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, v.shape) for n, v in feeds.items()]
+    used = [inits[i] for n in nodes for i in n.input if i in inits]
+    sub = helper.make_model(
+        helper.make_graph(nodes, "fold", inputs, [helper.make_tensor_value_info(target, types[target], None)],
+                          list({t.name: t for t in used}.values())),
+        opset_imports=model.opset_import, ir_version=model.ir_version)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run([target], feeds)[0]
+
+
+def fold_weights(model: onnx.ModelProto, weight_names: set[str], weights: WeightSource, side_file: Path | None,
+                 progress: Callable[[int, int], None] | None = None) -> onnx.ModelProto:
+    """Replace the weight inputs of a `trace_without_weights` graph, and everything computed from
+    them alone, by initializers: each computed from `weights`, written to `side_file` (or inline
+    when None), and released before the next."""
+    g = model.graph
+    folded, boundary = _folded(g, weight_names)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    side = _SideFile(side_file)
+    initializers = []
+    try:
+        for k, name in enumerate(boundary):
+            value = weights(name) if name in weight_names else _compute(model, types, name, weights)
+            initializers.append(side.tensor(name, value))
+            del value
+            if progress:
+                progress(k + 1, len(boundary))
+    finally:
+        side.close()
+    folded_ids = {id(n) for n in folded}
+    kept = _live([n for n in g.node if id(n) not in folded_ids], {o.name for o in g.output})
+    del g.node[:]
+    g.node.extend(kept)
+    inputs = [i for i in g.input if i.name not in weight_names]
+    del g.input[:]
+    g.input.extend(inputs)
+    g.initializer.extend(initializers)
+    return model
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
+    """`nodes` without those whose results nothing reads any more (constants only the folded
+    nodes used), in order."""
+    live = list(nodes)
+    while True:
+        read = outputs | {i for n in live for i in n.input}
+        kept = [n for n in live if any(o in read for o in n.output)]
+        if len(kept) == len(live):
+            return kept
+        live = kept
+
+
+def export_streamed(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: str | os.PathLike,
+                    input_names: Sequence[str], output_names: Sequence[str],
+                    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None, weights: WeightSource | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> Path:
+    """Export `module(*args)` to `path` with its weights taken from `weights` one tensor at a time
+    (default: the module's own parameters; a hollow module needs a source), check it and return
+    the path. Weights over `EXTERNAL_DATA_BYTES` in all go to `<path>.data`. Written beside the
+    target and renamed, so a failed export leaves nothing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    slots = _slots(module)
+    if weights is None:
+        params = {s.name: s.param for s in slots}
+        weights = lambda name: params[name].detach().float().numpy()  # noqa: E731
+    n_bytes = sum(s.param.numel() * 4 for s in slots)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.") as tmp:
+        raw = Path(tmp) / path.name
+        model = trace_without_weights(module, args, raw, input_names, output_names, dynamic_axes or {})
+        names = {s.name for s in slots} & {i.name for i in model.graph.input}
+        side = Path(tmp) / (path.name + ".data") if n_bytes > EXTERNAL_DATA_BYTES else None
+        model = fold_weights(model, names, weights, side, progress)
+        onnx.save_model(model, str(raw))
+        onnx.checker.check_model(str(raw), full_check=True)
+        if side is not None:
+            os.replace(side, path.parent / side.name)
+        os.replace(raw, path)
+    log.info("exported %s", path)
+    return path
