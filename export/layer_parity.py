@@ -87,6 +87,7 @@ class _PieceRunner:
             f.flush()
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = 2
+            opts.add_session_config_entry("session.disable_prepacking", "1")  # as run_onnx
             sess = ort.InferenceSession(f.name, opts, providers=["CPUExecutionProvider"])
         return [dict(zip(results, sess.run(results, {n: env[n] for n in needed}))) for env in envs]
 
