@@ -2,50 +2,57 @@
 
     python -m qinyu_edge.export.bench_export_memory qinyu-4b --layers 2 --work /tmp/bench
 
-Stages: writing the random checkpoint, loading it (`load_qinyu`), exporting with parity
-(`export_bundle`; its per-component export seconds are in parity.json). RSS is sampled every
-50 ms from /proc/self/status, so a peak shorter than that can be missed; ru_maxrss is printed too.
+Stages: writing the random checkpoint, loading it (`load_qinyu`), then each stage of
+`export_bundle` (every component's export and parity, the fused decode graphs). RSS is sampled
+every 50 ms, so a peak shorter than that can be missed; the process's high-water mark is printed
+too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+
+from qinyu_edge.device.telemetry import peak_rss_bytes, rss_bytes
 
 
-def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+class StageSampler:
+    """Time and peak RSS per named stage; `enter(name)` starts the next one."""
 
+    def __init__(self) -> None:
+        self.report: dict[str, dict[str, float]] = {}
+        self._name: str | None = None
+        self._t0 = 0.0
+        self._peak = 0
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
 
-@contextmanager
-def stage(name: str, report: dict[str, dict[str, float]]) -> Iterator[None]:
-    peak = [_rss()]
-    done = threading.Event()
+    def _sample(self) -> None:
+        while not self._done.wait(0.05):
+            with self._lock:
+                self._peak = max(self._peak, rss_bytes() or 0)
 
-    def sample() -> None:
-        while not done.wait(0.05):
-            peak[0] = max(peak[0], _rss())
+    def enter(self, name: str | None) -> None:
+        with self._lock:
+            now = time.perf_counter()
+            if self._name is not None:
+                self.report[self._name] = {"seconds": round(now - self._t0, 1),
+                                           "peak_rss_gb": round(max(self._peak, rss_bytes() or 0) / 1e9, 2)}
+                print(self._name, self.report[self._name], flush=True)
+            self._name, self._t0, self._peak = name, now, rss_bytes() or 0
 
-    thread = threading.Thread(target=sample, daemon=True)
-    t0 = time.perf_counter()
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-        report[name] = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_gb": round(max(peak[0], _rss()) / 1e9, 2)}
-        print(name, report[name], flush=True)
+    def close(self) -> None:
+        if self._done.is_set():
+            return
+        self.enter(None)
+        self._done.set()
+        self._thread.join()
 
 
 def main() -> None:
@@ -61,20 +68,20 @@ def main() -> None:
     from .random_checkpoint import random_config, write_random_checkpoint
 
     cfg = random_config(args.preset, args.layers)
-    report: dict[str, dict[str, float]] = {}
+    stages = StageSampler()
+    report: dict[str, object] = {"stages": stages.report}
     try:
-        with stage("write random checkpoint", report):
-            f = write_random_checkpoint(cfg, args.work / "folders")
+        stages.enter("write random checkpoint")
+        f = write_random_checkpoint(cfg, args.work / "folders")
         if not args.write_only:
-            with stage("load_qinyu", report):
-                model = load_qinyu(f["checkpoint"], f["sensevoice"], f["models"], name=cfg.name, tiny=cfg.tiny)
-            with stage("export_bundle (export + parity)", report):
-                bundle = export_bundle(model, args.work / "bundle", force=True)
-            report["export seconds per component"] = bundle.parity["export_seconds"]
+            stages.enter("load_qinyu")
+            model = load_qinyu(f["checkpoint"], f["sensevoice"], f["models"], name=cfg.name, tiny=cfg.tiny)
+            bundle = export_bundle(model, args.work / "bundle", force=True, on_stage=stages.enter)
             report["bundle bytes"] = {name: e.bytes for name, e in bundle.files.items()}
     finally:
+        stages.close()
         shutil.rmtree(args.work, ignore_errors=True)
-    report["ru_maxrss_gb"] = {"all": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)}
+    report["peak_rss_gb"] = round((peak_rss_bytes() or 0) / 1e9, 2)
     print(json.dumps(report, indent=2))
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from qinyu_edge.runtime.kv_cache import NULL_ROWS
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from safetensors.numpy import save_file as save_numpy
 
@@ -262,10 +262,9 @@ def parity_table(rows: list[dict[str, object]]) -> Table:
 
 
 def _ort_variants(model: QinYuModel, comps: list[Component], folder: Path, max_context: int,
-                  rows: list[dict[str, object]], progress: Progress, task: TaskID) -> dict[str, ComponentSpec]:
+                  rows: list[dict[str, object]]) -> dict[str, ComponentSpec]:
     """The backbone's ONNX Runtime CPU graph where the architecture has one (Qwen3), checked against
     PyTorch like the components; its parity rows join `rows`."""
-    progress.update(task, description="export backbone (ort cpu)")
     variants = {}
     if model.backbone_weights is not None:
         log.info("no ONNX Runtime CPU variant for a backbone exported from the shards: runtimes use backbone.onnx")
@@ -276,7 +275,6 @@ def _ort_variants(model: QinYuModel, comps: list[Component], folder: Path, max_c
         spec = variant_spec(model.backbone, path.name, backbone.shape_ranges["seq"], max_context)
         rows += [{**r, "ok": float(r["rel"]) <= PARITY_TOLERANCE} for r in variant_parity(model.backbone, spec, path)]
         variants["backbone"] = spec
-    progress.advance(task)
     return variants
 
 
@@ -293,8 +291,10 @@ class ParityError(QinyuError):
 
 
 def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False,
-                  max_context: int | None = None, console: Console | None = None) -> Bundle:
-    """Write the bundle for `model` at `out`; refuse an existing folder unless `force`."""
+                  max_context: int | None = None, console: Console | None = None,
+                  on_stage: Callable[[str], None] | None = None) -> Bundle:
+    """Write the bundle for `model` at `out`; refuse an existing folder unless `force`.
+    `on_stage` hears the name of each stage as it starts (`bench_export_memory` times them)."""
     out = Path(out)
     console = console or Console(stderr=True)
     if out.exists() and not force:
@@ -311,11 +311,16 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
                             TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
         with progress:
             task = progress.add_task("exporting", total=2 * len(comps) + 2)
+
+            def stage(name: str) -> None:
+                progress.update(task, description=name)
+                if on_stage:
+                    on_stage(name)
             for comp in comps:
                 def step(what: str) -> Callable[[int, int], None]:
                     return lambda k, n: progress.update(task, description=f"{what} ({k}/{n})")
 
-                progress.update(task, description=f"export {comp.name}")
+                stage(f"export {comp.name}")
                 t0 = time.perf_counter()
                 args = tuple(comp.trace_inputs[n] for n in comp.inputs)
                 if comp.streamed:
@@ -326,7 +331,7 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
                                        comp.dynamic_axes)
                 timings[comp.name] = time.perf_counter() - t0
                 progress.advance(task)
-                progress.update(task, description=f"parity {comp.name}")
+                stage(f"parity {comp.name}")
                 rows += parity(comp, path, step(f"parity {comp.name}: pieces"))
                 progress.advance(task)
                 ref = _meta_outputs(comp) if comp.weights is not None else _torch_outputs(comp, comp.trace_inputs)
@@ -337,8 +342,10 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
                     shape_ranges=comp.shape_ranges, description=comp.description,
                     ort_disabled_optimizers=comp.ort_disabled_optimizers,
                 )
-            variants = _ort_variants(model, comps, tmp, max_context, rows, progress, task)
-            progress.update(task, description="fused decode graphs")
+            stage("export backbone (ort cpu)")
+            variants = _ort_variants(model, comps, tmp, max_context, rows)
+            progress.advance(task)
+            stage("fused decode graphs")
             specs, variants, host_embedding = derive_decode(tmp, specs, variants)
             if model.backbone_weights is None:
                 rows += check_decode(tmp, specs)

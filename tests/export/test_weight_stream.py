@@ -132,3 +132,22 @@ def test_checkpoint_folder_reads_tensors_on_demand_as_safetensors_does(tmp_path)
     for key, t in every.items():
         assert meta[key].shape == t.shape and meta[key].dtype == t.dtype and meta[key].is_meta
         assert torch.equal(folder[key], t)
+
+
+def test_bench_export_memory_times_every_stage_and_cleans_up(tmp_path):
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    out = subprocess.run([sys.executable, "-m", "qinyu_edge.export.bench_export_memory", "tiny-4b", "--work", str(work)],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    report = json.loads(out[out.index("\n{") + 1:])
+    stages = report["stages"]
+    names = ["encoder", "audio_projector", "speaker_projector", "embedding", "backbone", "heads_logits",
+             "heads_greedy", "xy_decoder", "campplus"]
+    assert list(stages) == ["write random checkpoint", "load_qinyu",
+                            *(f"{k} {n}" for n in names for k in ("export", "parity")),
+                            "export backbone (ort cpu)", "fused decode graphs"]
+    assert all(s["peak_rss_gb"] > 0.05 and s["seconds"] >= 0 for s in stages.values())
+    assert report["peak_rss_gb"] >= max(s["peak_rss_gb"] for s in stages.values()) - 0.01
+    assert report["bundle bytes"]["backbone.onnx"] > 0 and not work.exists()
