@@ -18,7 +18,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -34,6 +34,7 @@ WeightSource = Callable[[str], np.ndarray]
 # Side-file offsets on page boundaries let ONNX Runtime map tensors instead of copying them.
 ALIGN = 4096
 INLINE_MAX_BYTES = 1024
+BLOCK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -101,15 +102,28 @@ class _SideFile:
 
     def tensor(self, name: str, value: np.ndarray) -> TensorProto:
         value = np.ascontiguousarray(value)
-        if self.file is None or value.nbytes <= INLINE_MAX_BYTES:
-            return numpy_helper.from_array(value, name)
-        pad = -self.file.tell() % ALIGN
-        self.file.write(b"\0" * pad)
+        return self.blocks(name, value.dtype, value.shape, iter([value]))
+
+    def transposed(self, name: str, weight: np.ndarray) -> TensorProto:
+        """`weight.T` (2-D), written a block of rows at a time: the largest folded tensors (a
+        vocabulary-sized lm_head) are plain transposes, and a whole second copy would be the peak."""
+        rows = max(1, BLOCK_BYTES // max(1, weight.shape[0] * weight.itemsize))
+        blocks = (np.ascontiguousarray(weight[:, i:i + rows].T) for i in range(0, weight.shape[1], rows))
+        return self.blocks(name, weight.dtype, weight.shape[::-1], blocks)
+
+    def blocks(self, name: str, dtype: np.dtype, shape: tuple[int, ...], blocks: Iterator[np.ndarray]) -> TensorProto:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if self.file is None or nbytes <= INLINE_MAX_BYTES:
+            return numpy_helper.from_array(np.concatenate([b.reshape(-1) for b in blocks]).reshape(shape), name)
+        self.file.write(b"\0" * (-self.file.tell() % ALIGN))
         offset = self.file.tell()
-        self.file.write(value.tobytes())
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(value.dtype), dims=value.shape)
+        for block in blocks:
+            self.file.write(memoryview(block).cast("B"))  # from the array itself: tobytes() would copy it
+        if self.file.tell() - offset != nbytes:
+            raise AssertionError(f"{name}: wrote {self.file.tell() - offset} bytes of {nbytes}")
+        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape)
         t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(value.nbytes))):
+        for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(nbytes))):
             t.external_data.add(key=k, value=v)
         return t
 
@@ -137,6 +151,15 @@ def _folded(graph: onnx.GraphProto, weights: set[str]) -> tuple[list[onnx.NodePr
     boundary = [t for t in dict.fromkeys([*(i.name for i in graph.input), *(o for n in folded for o in n.output)])
                 if t in derived and t in read]
     return folded, boundary
+
+
+def _transpose_of(producer: Mapping[str, onnx.NodeProto], target: str, weights: set[str]) -> str | None:
+    """The weight `target` is the 2-D transpose of, if that is all it is."""
+    node = producer.get(target)
+    if node is None or node.op_type != "Transpose" or node.input[0] not in weights:
+        return None
+    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+    return node.input[0] if perm == [1, 0] else None
 
 
 def _ancestors(graph: onnx.GraphProto, target: str) -> list[onnx.NodeProto]:
@@ -189,12 +212,17 @@ def fold_weights(model: onnx.ModelProto, weight_names: set[str], weights: Weight
     types = {v.name: v.type.tensor_type.elem_type
              for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
     side = _SideFile(side_file)
+    producer = {o: n for n in g.node for o in n.output}
     initializers = []
     try:
         for k, name in enumerate(boundary):
-            value = weights(name) if name in weight_names else _compute(model, types, name, weights)
-            initializers.append(side.tensor(name, value))
-            del value
+            source = _transpose_of(producer, name, weight_names)
+            if source is not None:
+                initializers.append(side.transposed(name, weights(source)))
+            else:
+                value = weights(name) if name in weight_names else _compute(model, types, name, weights)
+                initializers.append(side.tensor(name, value))
+                del value
             if progress:
                 progress(k + 1, len(boundary))
     finally:
