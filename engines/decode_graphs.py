@@ -105,21 +105,38 @@ def decode_spec(backbone: ComponentSpec, heads: ComponentSpec, file: str) -> Com
 def write_host_embedding(embedding_path: Path, out: Path) -> bool:
     """Save the embedding graph's table as a memory-mappable .npy, if the graph is the plain form
     (Gather on a float table, an optional Cast, the mean over the ids of a step). False when it is
-    not (a quantized table): nothing is written."""
+    not (a quantized table): nothing is written. A table in the graph's side file is copied a
+    block at a time, never loaded: on a real-size model it is GBs."""
     import onnx
-    from onnx import numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
-    model = onnx.load(str(embedding_path))
+    model = onnx.load(str(embedding_path), load_external_data=False)
     nodes = [n for n in model.graph.node if n.op_type != "Constant"]
     inits = {i.name: i for i in model.graph.initializer}
     ops = [n.op_type for n in nodes]
     if ops not in (["Gather", "ReduceMean"], ["Gather", "Cast", "ReduceMean"]) or nodes[0].input[0] not in inits:
         log.info("%s is not a plain table lookup (%s): no host table", embedding_path.name, ", ".join(ops))
         return False
-    table = numpy_helper.to_array(inits[nodes[0].input[0]])
-    if table.dtype not in (np.float32, np.float16) or table.ndim != 2:
+    table = inits[nodes[0].input[0]]
+    dtype, shape = np.dtype(helper.tensor_dtype_to_np_dtype(table.data_type)), tuple(table.dims)
+    if dtype not in (np.float32, np.float16) or len(shape) != 2:
         return False
-    np.save(out, np.ascontiguousarray(table), allow_pickle=False)
+    with open(out, "wb") as f:
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+        if table.data_location != TensorProto.EXTERNAL:
+            f.write(np.ascontiguousarray(numpy_helper.to_array(table)).tobytes())
+            return True
+        info = {e.key: e.value for e in table.external_data}
+        left = int(np.prod(shape)) * dtype.itemsize
+        with open(embedding_path.parent / info["location"], "rb") as src:
+            src.seek(int(info.get("offset", 0)))
+            while left:
+                block = src.read(min(left, 64 << 20))
+                if not block:
+                    raise ValueError(f"{info['location']} ends inside the embedding table")
+                f.write(block)
+                left -= len(block)
     return True
 
 

@@ -152,3 +152,21 @@ def test_bench_export_memory_times_every_stage_and_cleans_up(tmp_path):
     assert all(s["peak_rss_gb"] > 0.05 and s["seconds"] >= 0 for s in stages.values())
     assert report["peak_rss_gb"] >= max(s["peak_rss_gb"] for s in stages.values()) - 0.01
     assert report["bundle bytes"]["backbone.onnx"] > 0 and not work.exists()
+
+
+def test_host_table_is_copied_from_the_side_file(tmp_path, monkeypatch):
+    """The runtime's memory-mapped table, taken block by block from the embedding graph's side file."""
+    from qinyu_edge.engines.decode_graphs import write_host_embedding
+
+    emb = load_preset("tiny-4b").embedding
+    monkeypatch.setattr(weight_stream, "EXTERNAL_DATA_BYTES", 0)
+    ids = torch.zeros(1, 3, 8, dtype=torch.int64)
+    path = export_streamed(emb, (ids,), tmp_path / "embedding.onnx", ["ids"], ["inputs_embeds"],
+                           {"ids": {1: "seq", 2: "k"}})
+    assert (tmp_path / "embedding.onnx.data").is_file()
+    assert write_host_embedding(path, tmp_path / "table.npy")
+    table = np.load(tmp_path / "table.npy", mmap_mode="r")
+    assert table.dtype == np.float32 and np.array_equal(table, emb.weight.numpy())
+    (tmp_path / "embedding.onnx.data").write_bytes((tmp_path / "embedding.onnx.data").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="ends inside the embedding table"):
+        write_host_embedding(path, tmp_path / "cut.npy")
