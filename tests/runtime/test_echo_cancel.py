@@ -340,9 +340,9 @@ def test_open_speaker_full_duplex_voice_loop_on_the_virtual_card(sound_card, tmp
                 if time.monotonic() > deadline:
                     raise TimeoutError("the assistant never started speaking")
                 time.sleep(0.02)
-            marks["speaking"] = raw.samples
+            marks["speaking"], marks["speaking_t"] = raw.samples, time.perf_counter()
             time.sleep(interrupt_after_s)
-            marks["interrupt"] = raw.samples
+            marks["interrupt"], marks["interrupt_t"] = raw.samples, time.perf_counter()
             sound_card.play_into_mic(interrupt)
             deadline = time.monotonic() + 20
             # Until the interruption's own turn is answered (the second reply), which stop() then cuts.
@@ -369,15 +369,17 @@ def test_open_speaker_full_duplex_voice_loop_on_the_virtual_card(sound_card, tmp
     kinds = [type(e).__name__ for e in loop.events]
     assert len(barges) == 1, kinds
     # Not before the user spoke (no self-interruption), and soon after: speech onset, --barge-in-ms, the
-    # card's latency and a busy machine.
-    assert interrupt_after_s <= barges[0].at - speaking <= interrupt_after_s + 2.5, (barges[0].at - speaking, kinds)
+    # card's latency and a busy machine. Timed from when this thread began the interruption (a loaded
+    # machine oversleeps the wait before it); the player's start-up still counts against the bound.
+    began = marks["interrupt_t"] - marks["speaking_t"]
+    assert began <= barges[0].at - speaking <= began + 3.0, (barges[0].at - speaking, began, kinds)
     assert loop.turns[0].barge_in and len(loop.turns) == 2  # the interruption became the next turn
     # The echo in what the loop heard while the assistant spoke alone (after 1 s to converge).
     a, b = marks["speaking"] + 16000, marks["interrupt"]
     raw_a, heard_a = raw.audio(), heard.audio()
     assert b - a > 16000 and float(np.abs(raw_a[a:b]).max()) > 0.01  # the reply's echo did reach the mic
     erle = erle_db(raw_a[:b], heard_a[:b], a)
-    print(f"open speaker loop: ERLE {erle:.1f} dB, barge-in {barges[0].at - speaking - interrupt_after_s:.2f} s "
+    print(f"open speaker loop: ERLE {erle:.1f} dB, barge-in {barges[0].at - speaking - began:.2f} s "
           f"after the interruption began, delay estimate {heard.source.aec.delay_ms} ms")
     assert erle >= 15, (erle, heard.source.aec)
 
