@@ -17,31 +17,25 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 def read_header(path: Path) -> tuple[int, dict]:
     """A safetensors file's data offset and header (`name -> dtype, shape, data_offsets`), or a
-    CheckpointError saying why the file cannot be one."""
+    CheckpointError saying why the file cannot be one (too short, no header, truncated)."""
     size = path.stat().st_size
+    fix = "Re-download it."
     if size < 8:
-        raise CheckpointError(f"{path} has {size} bytes, less than the 8-byte header length. Re-download it.")
+        raise CheckpointError(f"{path} has {size} bytes, less than the 8-byte header length. {fix}")
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if 8 + n > size:
-            raise CheckpointError(f"{path} has {size} bytes but its header alone claims {8 + n}. Re-download it.")
+            raise CheckpointError(f"{path} has {size} bytes but its header alone claims {8 + n}. {fix}")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path} has no valid safetensors header ({e}). Re-download it.") from e
-    return 8 + n, header
-
-
-def truncation(path: Path) -> str | None:
-    """Why a safetensors file is shorter than its own header says, or None when it is not."""
-    try:
-        start, header = read_header(path)
-    except CheckpointError as e:
-        return str(e)
-    size = path.stat().st_size
+            raise CheckpointError(f"{path} has no valid safetensors header ({e}). {fix}") from e
     ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    want = start + max(ends, default=0)
-    return f"it is truncated: {size} bytes of the {want} its header describes" if size < want else None
+    want = 8 + n + max(ends, default=0)
+    if size < want:
+        raise CheckpointError(f"{path} is not a readable safetensors file (it is truncated: {size} bytes of the "
+                              f"{want} its header describes). {fix}")
+    return 8 + n, header
 
 
 def check_dtypes(state: Mapping[str, torch.Tensor], declared: str | None, source: str) -> None:

@@ -38,7 +38,7 @@ from qinyu_edge.errors import CheckpointError, ConfigError
 from qinyu_edge.fileio import atomic_path, atomic_write_text
 from qinyu_edge.tokens import TokenLayout
 
-from .checkpoint_checks import FP16_MAX, check_dtypes, fp16_overflow, read_header, truncation
+from .checkpoint_checks import FP16_MAX, check_dtypes, fp16_overflow, read_header
 from .models.backbone import build_backbone, hollow_backbone
 from .models.campplus import CAMPPlus
 from .models.heads import Embedding, Heads
@@ -160,15 +160,12 @@ class SafetensorsFolder(Mapping[str, torch.Tensor]):
         self._where: dict[str, tuple[Path, int, dict]] = {}
         for shard in shards:
             path = folder / shard
-            why = truncation(path)
+            start, header = read_header(path)
             try:
-                if why:
-                    raise ValueError(why)
                 with safe_open(str(path), framework="pt"):
                     pass  # the library's own validation of the header and offsets
             except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
-                raise CheckpointError(f"{path} is not a readable safetensors file ({why or e}). Re-download it.") from e
-            start, header = read_header(path)
+                raise CheckpointError(f"{path} is not a readable safetensors file ({e}). Re-download it.") from e
             self._where.update({k: (path, start, v) for k, v in header.items() if k != "__metadata__"})
         if weight_map is not None:
             lost = sorted(k for k in weight_map if k not in self._where)

@@ -162,38 +162,52 @@ def _transpose_of(producer: Mapping[str, onnx.NodeProto], target: str, weights: 
     return node.input[0] if perm == [1, 0] else None
 
 
-def _ancestors(graph: onnx.GraphProto, target: str) -> list[onnx.NodeProto]:
-    producer = {o: n for n in graph.node for o in n.output}
-    need, seen, order = [target], set(), []
-    while need:
-        t = need.pop()
-        node = producer.get(t)
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        order.append(node)
-        need.extend(i for i in node.input if i)
-    position = {id(n): k for k, n in enumerate(graph.node)}
-    return sorted(order, key=lambda n: position[id(n)])
+@dataclass(frozen=True)
+class _GraphIndex:
+    """What every fold looks up in the traced graph, built once per graph."""
+
+    model: onnx.ModelProto
+    producer: Mapping[str, onnx.NodeProto]
+    position: Mapping[int, int]  # id(node) -> its place in the graph's (topological) order
+    initializers: Mapping[str, TensorProto]
+    types: Mapping[str, int]
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto) -> "_GraphIndex":
+        g = model.graph
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+        return cls(model, {o: n for n in g.node for o in n.output}, {id(n): k for k, n in enumerate(g.node)},
+                   {i.name: i for i in g.initializer},
+                   {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.input, *inferred.output]})
+
+    def ancestors(self, target: str) -> list[onnx.NodeProto]:
+        need, seen, order = [target], set(), []
+        while need:
+            node = self.producer.get(need.pop())
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            order.append(node)
+            need.extend(i for i in node.input if i)
+        return sorted(order, key=lambda n: self.position[id(n)])
 
 
-def _compute(model: onnx.ModelProto, types: Mapping[str, int], target: str, weights: WeightSource) -> np.ndarray:
+def _compute(index: _GraphIndex, target: str, weights: WeightSource) -> np.ndarray:
     """`target` (a tensor computed from weights only) by running its part of the graph, with only
     the weights it reads in memory."""
     import onnxruntime as ort
 
-    g = model.graph
-    nodes = _ancestors(g, target)
+    nodes = index.ancestors(target)
     made = {o for n in nodes for o in n.output}
-    inits = {i.name: i for i in g.initializer}
+    inits = index.initializers
     feeds_names = [i for n in nodes for i in n.input if i and i not in made and i not in inits]
     feeds = {n: weights(n) for n in dict.fromkeys(feeds_names)}
     inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, v.shape) for n, v in feeds.items()]
-    used = [inits[i] for n in nodes for i in n.input if i in inits]
+    used = {i: inits[i] for n in nodes for i in n.input if i in inits}
     sub = helper.make_model(
-        helper.make_graph(nodes, "fold", inputs, [helper.make_tensor_value_info(target, types[target], None)],
-                          list({t.name: t for t in used}.values())),
-        opset_imports=model.opset_import, ir_version=model.ir_version)
+        helper.make_graph(nodes, "fold", inputs, [helper.make_tensor_value_info(target, index.types[target], None)],
+                          list(used.values())),
+        opset_imports=index.model.opset_import, ir_version=index.model.ir_version)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -208,19 +222,16 @@ def fold_weights(model: onnx.ModelProto, weight_names: set[str], weights: Weight
     when None), and released before the next."""
     g = model.graph
     folded, boundary = _folded(g, weight_names)
-    inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    index = _GraphIndex.of(model)
     side = _SideFile(side_file)
-    producer = {o: n for n in g.node for o in n.output}
     initializers = []
     try:
         for k, name in enumerate(boundary):
-            source = _transpose_of(producer, name, weight_names)
+            source = _transpose_of(index.producer, name, weight_names)
             if source is not None:
                 initializers.append(side.transposed(name, weights(source)))
             else:
-                value = weights(name) if name in weight_names else _compute(model, types, name, weights)
+                value = weights(name) if name in weight_names else _compute(index, name, weights)
                 initializers.append(side.tensor(name, value))
                 del value
             if progress:
