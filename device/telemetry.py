@@ -56,6 +56,17 @@ def peak_rss_bytes() -> int | None:
     return kib * 1024
 
 
+def available_memory_bytes(meminfo_path: Path = Path("/proc/meminfo")) -> int | None:
+    """Memory the kernel can give a new allocation without swapping (MemAvailable); None where
+    /proc is not readable."""
+    try:
+        text = meminfo_path.read_text()
+    except OSError:
+        return None
+    m = re.search(r"^MemAvailable:\s+(\d+)\s*kB", text, re.MULTILINE)
+    return int(m.group(1)) * 1024 if m else None
+
+
 def peak_line(what: str, seconds: float) -> str:
     """The line `export` and `quantize` end with: how long the work took and the most memory it held,
     the figure a user plans the next real-size run's machine by."""

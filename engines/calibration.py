@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization.calibrate import CalibrationDataReader
 
-from qinyu_edge.bundle import ComponentSpec
+from qinyu_edge.bundle import ComponentSpec, load_bundle
 from qinyu_edge.errors import AudioInputError, QinyuError
 from qinyu_edge.fileio import atomic_write_text
 from qinyu_edge.runtime.audio_io import load_16k_mono
@@ -40,6 +40,8 @@ from qinyu_edge.runtime.conversation import Conversation, Reply
 from qinyu_edge.runtime.engine import Engine, EngineOptions
 from qinyu_edge.runtime.kv_cache import KVCache
 from qinyu_edge.runtime.session import CopyStats, Session
+
+from .decode_graphs import DERIVED
 
 log = logging.getLogger(__name__)
 
@@ -283,10 +285,35 @@ def run_cases(engine: Engine, cases: Sequence[Case], max_new_tokens: int, speech
     return replies
 
 
+class BundleTooLargeError(QinyuError):
+    """The fp32 bundle cannot run on this machine: more weights than free memory."""
+
+
+def check_runs_here(bundle_dir: str | os.PathLike, what: str) -> None:
+    """Refuse to run the fp32 bundle (for calibration or the accuracy report) where its graphs'
+    weights exceed the memory available: ONNX Runtime holds them all, and the kernel would kill
+    the process after minutes of swapping instead."""
+    from qinyu_edge.device.telemetry import available_memory_bytes
+
+    bundle = load_bundle(bundle_dir, verify=False)  # sizes only: the run that follows verifies the files
+    files = {n for spec in bundle.components.values() if spec.name not in DERIVED
+             for n in (spec.file, spec.file + ".data") if n in bundle.files}
+    need = sum(bundle.files[n].bytes for n in files)
+    free = available_memory_bytes()
+    if free is not None and need > free:
+        raise BundleTooLargeError(
+            f"{what} runs the fp32 bundle {bundle.root} in ONNX Runtime: {need / 1e9:.1f} GB of weights, and this "
+            f"machine has {free / 1e9:.1f} GB available. Quantize the backbone alone without calibration "
+            "(`--recipe int4-rtn --components backbone`, streamed one weight at a time), or capture the calibration "
+            "set on a larger machine (`--save-calibration DIR`) and pass it with `--calibration DIR`."
+        )
+
+
 def capture(bundle_dir: str | os.PathLike, cases: Sequence[Case] = CALIBRATION_CASES,
             options: CaptureOptions = CaptureOptions(), threads: int | None = None,
             speech: Mapping[str, np.ndarray] | None = None) -> CalibrationSet:
     """Run `cases` through the fp32 bundle and keep each component's real inputs."""
+    check_runs_here(bundle_dir, "capturing calibration inputs")
     # The portable graphs: they are what gets quantized (ONNX Runtime variants are dropped then).
     engine = Engine(bundle_dir, EngineOptions(threads=threads, ort_variants=False, fused=False))
     taps = _tap_engine(engine)
@@ -317,6 +344,7 @@ def capture(bundle_dir: str | os.PathLike, cases: Sequence[Case] = CALIBRATION_C
 
 __all__ = [
     "CALIBRATION_CASES",
+    "BundleTooLargeError",
     "CalibrationSet",
     "CaptureOptions",
     "Case",
@@ -324,6 +352,7 @@ __all__ = [
     "Turn",
     "backbone_windows",
     "capture",
+    "check_runs_here",
     "render_cases",
     "render_speech",
     "run_cases",

@@ -14,6 +14,13 @@ A recipe says, per component, how NVIDIA ModelOpt's ONNX tools rewrite its graph
   a blocked DequantizeLinear in front of the Gather). They are a quarter of the bytes a quantized
   decode step reads, and a second copy of the 4B's tied matrix; the accuracy report scores them.
 
+Real-size graphs: weight-only INT4 of a graph with more than `STREAM_QUANT_BYTES` of fp32 weights
+(the 4B and 8B backbones) is written one weight at a time (engines/int4_stream.py, the same bytes
+ModelOpt's RTN writes), without calibration. AWQ cannot run there (it holds the graph and every
+MatMul's activations), so `int4-awq` falls back to it and the manifest says so (`applied`). Where
+the fp32 bundle is larger than the memory available, the other components are calibrated on the
+bundle with its INT4 backbone, and the manifest says that too.
+
 A strongly typed TensorRT network takes every type from the graph, so the same files build on
 TensorRT 10.3 (JetPack 6) through 11.x, where the precision builder flags are gone. The lm_head (the
 heads components) and the embedding table stay fp16 unless asked for, and the vocoder's ISTFT head
@@ -31,9 +38,7 @@ ModelOpt can fail quietly, so every output is checked before it is accepted:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import logging
 import os
 import re
@@ -62,6 +67,7 @@ from qinyu_edge.fileio import replace_dir
 from qinyu_edge.staging import staged_dir
 
 from .decode_graphs import DECODE, DERIVED, HEADS, derive as derive_decode
+from .modelopt_log import quiet_modelopt
 
 if TYPE_CHECKING:
     import onnx
@@ -88,6 +94,10 @@ EMBEDDING_METHODS = {"int4": "int4-rtn"}  # ModelOpt quantizes Gather tables in 
 FP8_ORT_DISABLED = ("QDQSelectorActionTransformer",)
 # Above this the weights go to a side file: protobuf cannot hold more than 2 GiB.
 EXTERNAL_DATA_BYTES = 1 << 30
+# Weight-only INT4 of a graph with more fp32 weights than this is written one weight at a time
+# (engines/int4_stream.py): ModelOpt holds the graph, its weights and their quantized copies, and
+# AWQ also every calibration activation of every MatMul (the real-size backbones).
+STREAM_QUANT_BYTES = 2 << 30
 
 
 class QuantizationError(QinyuError):
@@ -145,6 +155,8 @@ RECIPES: dict[str, Recipe] = {
                    encoder="fp8", audio_projector="fp8", backbone="fp8"),
     "int4-awq": _recipe("int4-awq", "INT4 weight-only AWQ (group 128) on the backbone's MatMuls; the rest fp16",
                         backbone="int4-awq"),
+    "int4-rtn": _recipe("int4-rtn", "INT4 weight-only round-to-nearest (group 128) on the backbone's MatMuls, "
+                                    "no calibration; the rest fp16", backbone="int4-rtn"),
 }
 
 
@@ -429,26 +441,6 @@ def restore_bf16_round_trips(model: onnx.ModelProto, trips: list[_RoundTrip]) ->
 
 # --- running ModelOpt ----------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """ModelOpt and ONNX Runtime's quantizer print progress bars and histograms; keep them in the debug log."""
-    out, err = io.StringIO(), io.StringIO()
-    # ModelOpt sets its loggers' levels itself (INFO for AutoCast) whenever it runs.
-    loggers = [logging.getLogger(n) for n in ("modelopt", "modelopt.onnx", "modelopt.onnx.autocast")]
-    levels = [lg.level for lg in loggers]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            for lg in loggers:
-                lg.setLevel(logging.ERROR)
-            yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-        for text in (out.getvalue(), err.getvalue()):
-            if text.strip():
-                log.debug("modelopt: %s", text.strip()[-2000:])
-
-
 def _save(model: onnx.ModelProto, path: Path) -> list[Path]:
     """Save with the bundle's naming: weights in `<file>.data` above 1 GiB. Returns the files written."""
     import onnx
@@ -476,7 +468,7 @@ def _autocast(src: Path, cr: ComponentRecipe, calib_dir: Path, work: Path) -> on
         path = work / f"{src.stem}.nobf16.onnx"
         _save(model, path)
     include = [f"^{re.escape(n)}$" for n in table_lookups(model)]
-    with _quiet():
+    with quiet_modelopt():
         out = convert_to_mixed_precision(
             str(path), "fp16", nodes_to_exclude=list(cr.keep), nodes_to_include=include, keep_io_types=True,
             calibration_data=str(calib_dir), providers=["cpu"],
@@ -507,7 +499,7 @@ def _modelopt_qdq(src: Path, cr: ComponentRecipe, calib: CalibrationSet, compone
             kwargs.update(gather_quantize_axis=1, gather_block_size=cr.block_size)
     elif cr.calibration_method:
         kwargs["calibration_method"] = cr.calibration_method
-    with _quiet():
+    with quiet_modelopt():
         quantize(
             str(src), quantize_mode=mode, calibration_data_reader=calib.reader(component), calibration_eps=["cpu"],
             nodes_to_exclude=list(exclude), output_path=str(out), log_level="ERROR", high_precision_dtype="fp16",
@@ -527,7 +519,7 @@ def _modelopt_qdq(src: Path, cr: ComponentRecipe, calib: CalibrationSet, compone
 # --- checks ------------------------------------------------------------------------------
 
 def check_quantized(model: onnx.ModelProto, spec: ComponentSpec, method: str, path: Path,
-                    sample: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+                    sample: Mapping[str, np.ndarray], shapes: Mapping[str, Sequence[int | None]],
                     disabled_optimizers: Sequence[str]) -> QuantStats:
     """Refuse a rewritten component that must not ship; returns what it holds."""
     stats = inspect_quantization(model)
@@ -555,7 +547,7 @@ def check_quantized(model: onnx.ModelProto, spec: ComponentSpec, method: str, pa
             "their block size (ceil(dim / block) on the quantized axis); ONNX Runtime and TensorRT reject them."
         )
     _check_io(model, spec)
-    _check_runs(path, spec, sample, reference, disabled_optimizers)
+    _check_runs(path, spec, sample, shapes, disabled_optimizers)
     return stats
 
 
@@ -573,15 +565,16 @@ def _check_io(model: onnx.ModelProto, spec: ComponentSpec) -> None:
 
 
 def _check_runs(path: Path, spec: ComponentSpec, sample: Mapping[str, np.ndarray],
-                reference: Mapping[str, np.ndarray], disabled: Sequence[str]) -> None:
+                shapes: Mapping[str, Sequence[int | None]], disabled: Sequence[str]) -> None:
+    """`shapes`: each output's expected shape (None: a dimension not checked)."""
     try:
         outs = _run(path, sample, disabled)
     except Exception as e:  # ORT raises its own exception types; any of them means the file is unusable
         raise QuantizationError(f"{spec.name}: ONNX Runtime rejects the rewritten graph: {str(e)[:400]}") from e
-    for n, ref in reference.items():
+    for n, want in shapes.items():
         got = outs[n]
-        if got.shape != ref.shape:
-            raise QuantizationError(f"{spec.name}: output {n} has shape {got.shape}, fp32 gives {ref.shape}")
+        if len(got.shape) != len(want) or any(w is not None and g != w for g, w in zip(got.shape, want)):
+            raise QuantizationError(f"{spec.name}: output {n} has shape {got.shape}, fp32 gives {tuple(want)}")
         if got.dtype.kind == "f" and not np.isfinite(got).all():
             raise QuantizationError(f"{spec.name}: output {n} is not finite on a calibration sample (fp16 overflow?)")
 
@@ -599,38 +592,123 @@ class ComponentResult:
     gemms_rewritten: int
     ort_disabled_optimizers: tuple[str, ...]
     seconds: float
+    # How the method was applied where not as named: the streamed RTN that stands in for AWQ at real size.
+    applied: str | None = None
+
+
+def weight_bytes(src: Path) -> int:
+    """Bytes of a graph's weights: its side file, or the graph file itself."""
+    side = src.with_name(src.name + ".data")
+    return side.stat().st_size if side.is_file() else src.stat().st_size
+
+
+def streams(src: Path, cr: ComponentRecipe) -> bool:
+    """Whether `cr` on the graph at `src` runs one weight at a time (weight-only INT4 of a graph
+    too large for ModelOpt's whole-model pass, without tables for its Gather path)."""
+    import onnx
+
+    if cr.method not in ("int4-rtn", "int4-awq") or weight_bytes(src) <= STREAM_QUANT_BYTES:
+        return False
+    return not table_lookups(onnx.load(str(src), load_external_data=False))
+
+
+def spec_sample(spec: ComponentSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of the smallest shapes the spec allows (small normal floats, zero integers): what
+    checks a component that was quantized without calibration data."""
+    rng = np.random.default_rng(seed)
+    sample = {}
+    for t in spec.inputs:
+        shape = tuple(d if isinstance(d, int) else spec.shape_ranges.get(d, (1,))[0] for d in t.shape)
+        if np.dtype(t.dtype).kind == "f":
+            sample[t.name] = (0.02 * rng.standard_normal(shape)).astype(t.dtype)
+        else:
+            sample[t.name] = np.zeros(shape, t.dtype)
+    return sample
+
+
+def spec_shapes(spec: ComponentSpec, sample: Mapping[str, np.ndarray]) -> dict[str, tuple[int | None, ...]]:
+    """Each output's shape as the spec gives it for `sample`: named dimensions bound by the inputs,
+    the others (computed ones) unchecked."""
+    bound: dict[str, int] = {}
+    for t in spec.inputs:
+        for d, n in zip(t.shape, sample[t.name].shape, strict=True):
+            if isinstance(d, str):
+                bound[d] = n
+    return {t.name: tuple(d if isinstance(d, int) else bound.get(d) for d in t.shape) for t in spec.outputs}
 
 
 def quantize_component(src: str | os.PathLike, dst: str | os.PathLike, spec: ComponentSpec, cr: ComponentRecipe,
-                       calib: CalibrationSet) -> ComponentResult:
-    """Rewrite one component's ONNX at `src` into `dst` (written only if every check passes)."""
+                       calib: CalibrationSet | None, progress: Callable[[int, int], None] | None = None
+                       ) -> ComponentResult:
+    """Rewrite one component's ONNX at `src` into `dst` (written only if every check passes).
+    `calib` may be None, or lack the component, only where the component is quantized streamed;
+    `progress(k, K)` follows a streamed component weight by weight."""
     src, dst = Path(src), Path(dst)
     t0 = time.perf_counter()
     disabled = tuple(spec.ort_disabled_optimizers) + (FP8_ORT_DISABLED if cr.method == "fp8" else ())
-    samples = calib[spec.name]
+    streamed = streams(src, cr)
+    if streamed and (calib is None or not calib.samples.get(spec.name)):
+        samples = [spec_sample(spec)]
+    else:
+        samples = calib[spec.name]
     check_calibration(spec, samples)
-    with tempfile.TemporaryDirectory(prefix=f"qinyu-quant-{spec.name}-") as tmp:
+    applied = None
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    # Beside the destination: a streamed output is GBs, and the move is then a rename.
+    with tempfile.TemporaryDirectory(prefix=f".quant-{spec.name}-", dir=dst.parent) as tmp:
         work = Path(tmp)
+        (work / "out").mkdir()
+        out = work / "out" / dst.name
         try:
-            model_out, excluded, n_gemm = _rewrite(src, spec, cr, calib, work)
-        except QuantizationError:
+            if streamed:
+                model_out, excluded, n_gemm = _rewrite_streamed(src, out, cr, progress)
+                files = [out, out.with_name(out.name + ".data")]
+                if cr.method == "int4-awq":
+                    applied = (f"int4-rtn, streamed: AWQ holds the whole graph ({weight_bytes(src) / 1e9:.1f} GB of fp32 "
+                               "weights) and every MatMul's calibration activations in memory")
+                    log.warning("%s: %s", spec.name, applied)
+            else:
+                model_out, excluded, n_gemm = _rewrite(src, spec, cr, calib, work)
+                files = _save(model_out, out)
+        except QinyuError:  # ours, already saying what is wrong
             raise
         except Exception as e:  # ModelOpt, AutoCast and ORT's quantizer raise many types; all mean "no output"
             log.debug("%s: %s failed", spec.name, cr.method, exc_info=True)
             raise QuantizationError(f"{spec.name}: {cr.method} failed in ModelOpt: {type(e).__name__}: "
                                     f"{str(e)[:400]} (run with -v for the traceback)") from e
-        (work / "out").mkdir()
-        files = _save(model_out, work / "out" / dst.name)
-        ref = _run(src, samples[0], spec.ort_disabled_optimizers)
-        stats = check_quantized(model_out, spec, cr.method, files[0], samples[0], ref, disabled)
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        if streamed:  # the fp32 graph is what does not fit: the spec says what comes out
+            shapes = spec_shapes(spec, samples[0])
+        else:
+            shapes = {n: a.shape for n, a in _run(src, samples[0], spec.ort_disabled_optimizers).items()}
+        stats = check_quantized(model_out, spec, cr.method, files[0], samples[0], shapes, disabled)
         for f in files:
             shutil.move(f, dst.parent / f.name)
     dt = time.perf_counter() - t0
-    log.info("%s: %s in %.1f s (%s quantized weights, %d Q / %d DQ)", spec.name, cr.method, dt,
+    log.info("%s: %s in %.1f s (%s quantized weights, %d Q / %d DQ)", spec.name, applied or cr.method, dt,
              stats.quantized_weights, stats.q_nodes, stats.dq_nodes)
     return ComponentResult(spec.name, cr.method, PRECISION[cr.method], tuple(f.name for f in files), stats,
-                           tuple(excluded), n_gemm, disabled, dt)
+                           tuple(excluded), n_gemm, disabled, dt, applied)
+
+
+def _excluded(model: onnx.ModelProto, cr: ComponentRecipe) -> list[str]:
+    """Nodes kept out of quantization: batched weights, the recipe's keep patterns, and under the
+    weight-only methods every Gemm the MatMul rewrite could not take (transA, alpha, a computed weight)."""
+    excluded = sorted(set(batched_weight_matmuls(model))
+                      | {n.name for n in model.graph.node if any(re.search(p, n.name) for p in cr.keep)})
+    if cr.method in WEIGHT_ONLY_METHODS and cr.matmul_form:
+        excluded += [n.name for n in model.graph.node if n.op_type == "Gemm"]
+    return excluded
+
+
+def _rewrite_streamed(src: Path, out: Path, cr: ComponentRecipe, progress: Callable[[int, int], None] | None
+                      ) -> tuple[onnx.ModelProto, list[str], int]:
+    import onnx
+
+    from .int4_stream import quantize_int4_streamed
+
+    excluded = _excluded(onnx.load(str(src), load_external_data=False), cr)
+    model = quantize_int4_streamed(src, out, cr.block_size, [f"^{re.escape(n)}$" for n in excluded], progress)
+    return model, excluded, 0
 
 
 def _rewrite(src: Path, spec: ComponentSpec, cr: ComponentRecipe, calib: CalibrationSet, work: Path
@@ -649,11 +727,7 @@ def _rewrite(src: Path, spec: ComponentSpec, cr: ComponentRecipe, calib: Calibra
     _save(model, local)
     if cr.method == "fp16":
         return _autocast(local, cr, calib.component_folder(spec.name, work / "calib"), work), [], n_gemm
-    excluded = sorted(set(batched_weight_matmuls(model))
-                      | {n.name for n in model.graph.node if any(re.search(p, n.name) for p in cr.keep)})
-    if cr.method in WEIGHT_ONLY_METHODS and cr.matmul_form:
-        # Gemms the rewrite could not take (transA, alpha, a computed weight) stay as they are.
-        excluded += [n.name for n in model.graph.node if n.op_type == "Gemm"]
+    excluded = _excluded(model, cr)
     out = _modelopt_qdq(local, cr, calib, spec.name, [f"^{re.escape(n)}$" for n in excluded], work)
     return out, excluded, n_gemm
 
@@ -696,18 +770,26 @@ def plan_components(bundle: Bundle, recipe: Recipe, components: Sequence[str] | 
             for name in bundle.components if name not in DERIVED}
 
 
+def needs_calibration(bundle: Bundle, plan: Mapping[str, ComponentRecipe]) -> bool:
+    """Whether a component of `plan` is quantized from calibration data (all but fp32 and the
+    streamed weight-only INT4 ones)."""
+    return any(cr.method != "fp32" and not streams(bundle.path(name), cr) for name, cr in plan.items())
+
+
 def component_precision(bundle: Bundle, component: str) -> str:
     """A component's precision as recorded by `quantize_bundle`; an exported bundle is fp32."""
     return bundle.origin.get("precision", {}).get(component, "fp32")
 
 
-ProgressFn = Callable[[str, int, int], None]
+# (component, components done, components, what within the component: "" or "weight k/K")
+ProgressFn = Callable[[str, int, int, str], None]
 
 
 def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recipe: Recipe | str,
                     components: Sequence[str] | None = None, target: Target | None = None,
                     calibration: CalibrationSet | None = None, force: bool = False,
-                    progress: ProgressFn | None = None) -> Bundle:
+                    progress: ProgressFn | None = None, save_calibration: str | os.PathLike | None = None,
+                    threads: int | None = None) -> Bundle:
     """Copy the fp32 bundle at `bundle_dir` to `out` with its components rewritten by `recipe`.
 
     The new bundle is built in a temporary folder beside `out` and renamed into place, so an
@@ -725,10 +807,21 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         raise QuantizationError("--out must differ from --bundle: the fp32 bundle is the reference")
     plan = plan_components(src, recipe, components)
     check_target(plan, target)
-    if calibration is None:
-        from .calibration import capture
+    streamed = [name for name, cr in plan.items() if streams(src.path(name), cr)]
+    capture_from = None  # where calibration is captured: the fp32 bundle, or the staged one after its streamed parts
+    if calibration is None and (needs_calibration(src, plan) or save_calibration is not None):
+        from .calibration import BundleTooLargeError, check_runs_here
 
-        calibration = capture(src.root)
+        try:
+            check_runs_here(src.root, "capturing calibration inputs")
+            capture_from = "fp32"
+        except BundleTooLargeError:
+            if not streamed:
+                raise
+            # The fp32 backbone is what does not fit: the other components are calibrated on the
+            # bundle with its INT4 backbone, whose activations differ from fp32 by its rounding.
+            capture_from = "streamed"
+            log.info("the fp32 bundle does not fit in memory: calibration runs after %s", ", ".join(streamed))
     # At most the fp32 bundle's size: every quantized component is smaller than its fp32 file.
     with staged_dir(out, force, need_bytes=sum(e.bytes for e in src.files.values())) as tmp:
         results: dict[str, ComponentResult] = {}
@@ -743,15 +836,29 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
             if name not in replaced:
                 shutil.copy2(src.file(name), inside(tmp, name, "a bundle file"))
         specs = dict(src.components)
-        for i, (name, cr) in enumerate(todo.items()):
+        order = sorted(todo, key=lambda n: n not in streamed)
+        for i, name in enumerate(order):
+            cr = todo[name]
+            if calibration is None and capture_from is not None and name not in streamed:
+                calibration = _capture(src, tmp, specs, set(results), capture_from, threads, progress, (i, len(todo)))
             if progress is not None:
-                progress(name, i, len(todo))
+                progress(name, i, len(todo), "")
+
+            def weights(k: int, total: int, name: str = name, i: int = i) -> None:
+                if progress is not None:
+                    progress(name, i, len(todo), f"weight {k}/{total}")
+
             spec = src.components[name]
-            res = quantize_component(src.path(name), inside(tmp, spec.file, "a component file"), spec, cr, calibration)
+            res = quantize_component(src.path(name), inside(tmp, spec.file, "a component file"), spec, cr, calibration,
+                                     progress=weights)
             results[name] = res
             specs[name] = dataclasses.replace(spec, ort_disabled_optimizers=res.ort_disabled_optimizers)
+        if calibration is None and capture_from is not None:  # wanted only to be saved
+            calibration = _capture(src, tmp, specs, set(results), capture_from, threads, progress, (len(todo), len(todo)))
+        if save_calibration is not None and calibration is not None:
+            calibration.save(save_calibration)
         if progress is not None:
-            progress("manifest", len(todo), len(todo))
+            progress("manifest", len(todo), len(todo), "")
         specs, variants, host_embedding = derive_decode(tmp, specs, variants)
         files = [p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith(".")]
         origin = dict(src.origin)
@@ -760,6 +867,9 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
             origin["precision"][DECODE] = max((origin["precision"][n] for n in ("backbone", HEADS)),
                                               key=PRECISIONS.index)
         origin["quantization"] = _record(src, recipe, plan, results, target, calibration)
+        if capture_from == "streamed":
+            origin["quantization"]["calibration"]["captured_on"] = (
+                f"this bundle with {', '.join(streamed)} already INT4: the fp32 bundle exceeds the memory available")
         opsets = [r.stats.opset for r in results.values()]
         bundle = dataclasses.replace(src, root=tmp, components=specs, files=file_entries(tmp, files), origin=origin,
                                      opset=max([src.opset, *opsets]), ort_variants=variants,
@@ -769,8 +879,37 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         return dataclasses.replace(bundle, root=out)
 
 
+def _capture(src: Bundle, staged: Path, specs: Mapping[str, ComponentSpec], done: set[str], capture_from: str,
+             threads: int | None, progress: ProgressFn | None, step: tuple[int, int]) -> CalibrationSet:
+    """Calibration inputs from the fp32 bundle, or from a view of the bundle with the components
+    in `done` (the streamed ones) already quantized, given a manifest of its own for the run."""
+    from .calibration import capture
+
+    if progress is not None:
+        progress("calibration", *step, "espeak-ng prompts through the bundle")
+    if capture_from == "fp32":
+        return capture(src.root, threads=threads)
+    parts = {n: s for n, s in specs.items() if n not in DERIVED}
+    where = {f: staged if n in done else src.root for n, s in parts.items() for f in (s.file, s.file + ".data")}
+    where.update({n: src.root for n in src.files if not n.endswith((".onnx", ".data"))})
+    files = sorted(f for f, root in where.items() if (root / f).is_file())
+    view = staged / ".calibration-view"
+    view.mkdir()
+    try:
+        for f in files:
+            try:  # the files themselves, under a manifest of the view's own
+                os.link(where[f] / f, view / f)
+            except OSError:  # another file system
+                shutil.copy2(where[f] / f, view / f)
+        write_manifest(dataclasses.replace(src, root=view, components=parts, files=file_entries(view, files),
+                                           ort_variants={}, host_embedding=None))
+        return capture(view, threads=threads)
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+
+
 def _record(src: Bundle, recipe: Recipe, plan: Mapping[str, ComponentRecipe], results: Mapping[str, ComponentResult],
-            target: Target | None, calibration: CalibrationSet) -> dict[str, Any]:
+            target: Target | None, calibration: CalibrationSet | None) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -783,8 +922,8 @@ def _record(src: Bundle, recipe: Recipe, plan: Mapping[str, ComponentRecipe], re
                    "files": {n: dataclasses.asdict(e) for n, e in src.files.items() if n.endswith(".onnx")}},
         "target": target.id if target is not None else None,
         "modelopt": modelopt_version,
-        "calibration": {"prompts": calibration.sources,
-                        "samples": {n: len(s) for n, s in calibration.samples.items()}},
+        "calibration": None if calibration is None else {
+            "prompts": calibration.sources, "samples": {n: len(s) for n, s in calibration.samples.items()}},
         "components": {name: _component_record(cr, results.get(name)) for name, cr in plan.items()},
     }
 
@@ -792,7 +931,7 @@ def _record(src: Bundle, recipe: Recipe, plan: Mapping[str, ComponentRecipe], re
 def _component_record(cr: ComponentRecipe, r: ComponentResult | None) -> dict[str, Any]:
     if r is None:
         return {"method": cr.method}
-    return {"method": cr.method, "quantized_weights": r.stats.weight_ops, "q_nodes": r.stats.q_nodes,
+    return {"method": cr.method, **({"applied": r.applied} if r.applied else {}), "quantized_weights": r.stats.weight_ops, "q_nodes": r.stats.q_nodes,
             "dq_nodes": r.stats.dq_nodes, "opset": r.stats.opset, "weight_bytes": r.stats.weight_bytes,
             "excluded": list(r.excluded),
             "kept_high_precision": list(cr.keep), "gemms_rewritten": r.gemms_rewritten, "seconds": round(r.seconds, 2)}

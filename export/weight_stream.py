@@ -18,12 +18,14 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from qinyu_edge.side_file import SideFile
 
 from .onnx_io import EXTERNAL_DATA_BYTES, OPSET
 
@@ -31,10 +33,6 @@ log = logging.getLogger(__name__)
 
 # A weight by its module name (`layers.0.mlp.up_proj.weight`), as float32.
 WeightSource = Callable[[str], np.ndarray]
-# Side-file offsets on page boundaries let ONNX Runtime map tensors instead of copying them.
-ALIGN = 4096
-INLINE_MAX_BYTES = 1024
-BLOCK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -91,45 +89,6 @@ def trace_without_weights(module: torch.nn.Module, args: tuple[torch.Tensor, ...
             s.module.__dict__.pop(s.attr, None)
             s.module._parameters[s.attr] = s.param
     return onnx.load(str(path))
-
-
-class _SideFile:
-    """Appends tensors to one external-data file; small ones stay inline in the graph."""
-
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
-        self.file = open(path, "wb") if path else None
-
-    def tensor(self, name: str, value: np.ndarray) -> TensorProto:
-        value = np.ascontiguousarray(value)
-        return self.blocks(name, value.dtype, value.shape, iter([value]))
-
-    def transposed(self, name: str, weight: np.ndarray) -> TensorProto:
-        """`weight.T` (2-D), written a block of rows at a time: the largest folded tensors (a
-        vocabulary-sized lm_head) are plain transposes, and a whole second copy would be the peak."""
-        rows = max(1, BLOCK_BYTES // max(1, weight.shape[0] * weight.itemsize))
-        blocks = (np.ascontiguousarray(weight[:, i:i + rows].T) for i in range(0, weight.shape[1], rows))
-        return self.blocks(name, weight.dtype, weight.shape[::-1], blocks)
-
-    def blocks(self, name: str, dtype: np.dtype, shape: tuple[int, ...], blocks: Iterator[np.ndarray]) -> TensorProto:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if self.file is None or nbytes <= INLINE_MAX_BYTES:
-            return numpy_helper.from_array(np.concatenate([b.reshape(-1) for b in blocks]).reshape(shape), name)
-        self.file.write(b"\0" * (-self.file.tell() % ALIGN))
-        offset = self.file.tell()
-        for block in blocks:
-            self.file.write(memoryview(block).cast("B"))  # from the array itself: tobytes() would copy it
-        if self.file.tell() - offset != nbytes:
-            raise AssertionError(f"{name}: wrote {self.file.tell() - offset} bytes of {nbytes}")
-        t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), dims=shape)
-        t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(nbytes))):
-            t.external_data.add(key=k, value=v)
-        return t
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
 
 
 def _folded(graph: onnx.GraphProto, weights: set[str]) -> tuple[list[onnx.NodeProto], list[str]]:
@@ -223,7 +182,7 @@ def fold_weights(model: onnx.ModelProto, weight_names: set[str], weights: Weight
     g = model.graph
     folded, boundary = _folded(g, weight_names)
     index = _GraphIndex.of(model)
-    side = _SideFile(side_file)
+    side = SideFile(side_file)
     initializers = []
     try:
         for k, name in enumerate(boundary):

@@ -13,7 +13,9 @@ from qinyu_edge.export.bundle_export import PARITY_TOLERANCE, export_bundle
 from qinyu_edge.export.layer_parity import layer_parity
 from qinyu_edge.export.onnx_io import compare, export_onnx, run_onnx
 from qinyu_edge.export.qinyu_checkpoint import SafetensorsFolder, cache_dir, load_preset, load_qinyu
-from qinyu_edge.export.weight_stream import ALIGN, export_streamed
+from qinyu_edge.export.weight_stream import export_streamed
+from qinyu_edge import side_file
+from qinyu_edge.side_file import ALIGN
 
 
 def _streamed_model(name: str):
@@ -47,7 +49,7 @@ def test_side_file_tensors_are_page_aligned_blockwise_and_read_back(tmp_path, mo
     sig = bb.signature()
     args = bb.example_inputs(3, 2)
     monkeypatch.setattr(weight_stream, "EXTERNAL_DATA_BYTES", 0)
-    monkeypatch.setattr(weight_stream, "BLOCK_BYTES", 256)  # transposes written a few rows at a time
+    monkeypatch.setattr(side_file, "BLOCK_BYTES", 256)  # transposes written a few rows at a time
     path = export_streamed(bb, args, tmp_path / "b.onnx", sig.input_names, sig.output_names, sig.dynamic_axes)
     model = onnx.load(str(path), load_external_data=False)
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]

@@ -1,0 +1,79 @@
+"""An ONNX external-data file written one tensor (or one block of a tensor) at a time.
+
+The real-size graphs hold more weights than memory should: the export and the streamed
+quantization each compute a tensor, append it here and drop it. Offsets sit on page boundaries so
+ONNX Runtime can map tensors instead of copying them; tensors of a few bytes stay in the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto, helper
+
+ALIGN = 4096
+INLINE_MAX_BYTES = 1024
+BLOCK_BYTES = 64 << 20
+_PACKED_4BIT = (TensorProto.INT4, TensorProto.UINT4)
+
+
+def tensor_bytes(data_type: int, shape: tuple[int, ...]) -> int:
+    n = int(np.prod(shape, dtype=np.int64))
+    if data_type in _PACKED_4BIT:
+        return (n + 1) // 2
+    return n * np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+
+
+class SideFile:
+    """Appends tensors to one external-data file (`path`, named in each tensor as its file name);
+    with `path` None every tensor stays inline."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.file = open(path, "wb") if path else None
+
+    def tensor(self, name: str, value: np.ndarray) -> TensorProto:
+        value = np.ascontiguousarray(value)
+        return self.blocks(name, value.shape, iter([value]))
+
+    def transposed(self, name: str, weight: np.ndarray) -> TensorProto:
+        """`weight.T` (2-D), written a block of rows at a time: the largest folded tensors (a
+        vocabulary-sized lm_head) are plain transposes, and a whole second copy would be the peak."""
+        rows = max(1, BLOCK_BYTES // max(1, weight.shape[0] * weight.itemsize))
+        blocks = (np.ascontiguousarray(weight[:, i:i + rows].T) for i in range(0, weight.shape[1], rows))
+        return self.blocks(name, weight.shape[::-1], blocks, helper.np_dtype_to_tensor_dtype(weight.dtype))
+
+    def blocks(self, name: str, shape: tuple[int, ...], blocks: Iterator[np.ndarray],
+               data_type: int | None = None) -> TensorProto:
+        """A tensor of `shape` from consecutive blocks of its row-major bytes. `data_type` is the
+        ONNX element type, by default the blocks' dtype; INT4/UINT4 blocks are packed bytes."""
+        first = next(blocks, None)
+        rest = [] if first is None else [first]
+        if data_type is None:
+            data_type = helper.np_dtype_to_tensor_dtype(first.dtype)
+        nbytes = tensor_bytes(data_type, tuple(shape))
+        chain = (b for part in (rest, blocks) for b in part)
+        if self.file is None or nbytes <= INLINE_MAX_BYTES:
+            raw = b"".join(np.ascontiguousarray(b).tobytes() for b in chain)
+            return helper.make_tensor(name, data_type, list(shape), raw, raw=True)
+        self.file.write(b"\0" * (-self.file.tell() % ALIGN))
+        offset = self.file.tell()
+        for block in chain:
+            self.file.write(memoryview(np.ascontiguousarray(block)).cast("B"))  # tobytes() would copy it
+        if self.file.tell() - offset != nbytes:
+            raise AssertionError(f"{name}: wrote {self.file.tell() - offset} bytes of {nbytes}")
+        t = TensorProto(name=name, data_type=data_type, dims=shape)
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(nbytes))):
+            t.external_data.add(key=k, value=v)
+        return t
+
+    def flush(self) -> None:
+        if self.file:
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()

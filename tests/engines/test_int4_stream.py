@@ -1,0 +1,148 @@
+"""Weight-only INT4 one weight at a time (the real-size path) against ModelOpt's own RTN, and the
+quantize command on a bundle whose backbone takes that path (thresholds lowered to the tiny presets)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+pytest.importorskip("modelopt.onnx.quantization", reason="nvidia-modelopt (without the [onnx] extra) is not installed")
+
+from qinyu_edge.bundle import load_bundle
+from qinyu_edge.cli import main
+from qinyu_edge.engines import int4_stream, quantize
+from qinyu_edge.engines.calibration import CalibrationSet
+from qinyu_edge.engines.decode_graphs import DERIVED
+from qinyu_edge.engines.int4_stream import StreamQuantError, pack_int4, quantize_int4_streamed
+from qinyu_edge.engines.quantize import (
+    ComponentRecipe,
+    batched_weight_matmuls,
+    quantize_component,
+    spec_sample,
+)
+from qinyu_edge.export.bundle_export import preset_bundle
+from qinyu_edge.runtime.session import open_session
+
+
+def _all_external(src, dst):
+    """`src` saved again with every tensor in one side file (as a real-size export writes it)."""
+    model = onnx.load(str(src))
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.name + ".data", size_threshold=0)
+    return dst
+
+
+@pytest.mark.parametrize("preset", ["tiny-4b", "tiny-8b"])
+def test_streamed_rtn_writes_what_modelopt_writes(preset, tmp_path, monkeypatch):
+    b = load_bundle(preset_bundle(preset))
+    spec = b.components["backbone"]
+    # ModelOpt's whole-graph RTN (no calibration is used by RTN; the samples only check the result).
+    calib = CalibrationSet({"backbone": [spec_sample(spec, seed=s) for s in range(2)]})
+    reference = quantize_component(b.path("backbone"), tmp_path / "modelopt" / "backbone.onnx", spec,
+                                   ComponentRecipe("int4-rtn"), calib)
+    assert reference.applied is None and reference.stats.quantized_weights > 0
+    # Streamed from a side file, a few rows (one block of 128 input channels) at a time.
+    src = _all_external(b.path("backbone"), tmp_path / "src.onnx")
+    monkeypatch.setattr(int4_stream, "BLOCK_BYTES", 1)
+    exclude = [f"^{n}$" for n in batched_weight_matmuls(onnx.load(str(src), load_external_data=False))]
+    (tmp_path / "st").mkdir()
+    quantize_int4_streamed(src, tmp_path / "st" / "backbone.onnx", 128, exclude)
+
+    ours, theirs = (onnx.load(str(p)) for p in (tmp_path / "st" / "backbone.onnx",
+                                                tmp_path / "modelopt" / "backbone.onnx"))
+    a = {t.name: t for t in ours.graph.initializer}
+    m = {t.name: t for t in theirs.graph.initializer}
+    assert set(a) == set(m)
+    int4 = [n for n, t in m.items() if t.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == reference.stats.quantized_weights
+    for n in m:
+        assert a[n].data_type == m[n].data_type and list(a[n].dims) == list(m[n].dims), n
+        assert numpy_helper.to_array(a[n]).tobytes() == numpy_helper.to_array(m[n]).tobytes(), n
+    assert Counter(n.op_type for n in ours.graph.node) == Counter(n.op_type for n in theirs.graph.node)
+    assert [o.version for o in ours.opset_import] == [o.version for o in theirs.opset_import]
+    for s in calib["backbone"]:
+        got = open_session(tmp_path / "st" / "backbone.onnx").run(s)
+        want = open_session(tmp_path / "modelopt" / "backbone.onnx").run(s)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_pack_int4_is_onnx_order():
+    q = np.array([[-8, 7, 1], [0, -1, 3]], np.int8)
+    t = onnx.helper.make_tensor("q", onnx.TensorProto.INT4, q.shape, pack_int4(q).tobytes(), raw=True)
+    assert np.array_equal(numpy_helper.to_array(t).astype(np.int8), q)
+
+
+def test_a_truncated_side_file_is_named_and_nothing_is_written(tmp_path, monkeypatch):
+    b = load_bundle(preset_bundle("tiny-4b"))
+    src = _all_external(b.path("backbone"), tmp_path / "src.onnx")
+    side = tmp_path / "src.onnx.data"
+    with open(side, "r+b") as f:
+        f.truncate(side.stat().st_size // 2)
+    monkeypatch.setattr(quantize, "STREAM_QUANT_BYTES", 0)
+    spec = b.components["backbone"]
+    with pytest.raises(StreamQuantError, match="src.onnx.data ends inside tensor"):
+        quantize_component(src, tmp_path / "out" / "backbone.onnx", spec, ComponentRecipe("int4-rtn"), None)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_quantize_streams_the_backbone_without_calibration(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(quantize, "STREAM_QUANT_BYTES", 0)
+    src = preset_bundle("tiny-4b")
+    out = tmp_path / "q"
+    rc = main(["quantize", "--bundle", str(src), "--out", str(out), "--recipe", "int4-awq", "--components",
+               "backbone", "--steps", "4"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "no calibration was needed" in printed
+    q = load_bundle(out)
+    record = q.origin["quantization"]["components"]["backbone"]
+    assert q.origin["precision"]["backbone"] == "int4" and record["quantized_weights"]["int4"] > 0
+    # AWQ cannot run at this size: the streamed RTN that stood in for it is on record.
+    assert record["method"] == "int4-awq" and record["applied"].startswith("int4-rtn, streamed")
+    assert q.origin["quantization"]["calibration"] is None
+    assert "decode" in q.components  # the fused decode graph is derived from the INT4 backbone
+    # The accuracy report ran on both bundles (the fp32 one fits in memory here).
+    assert q.origin["quantization"]["accuracy"]["cases"]
+
+
+def test_a_bundle_too_large_for_memory_is_not_run_for_calibration(tmp_path, monkeypatch, capsys):
+    # The memory reading is this machine's; here it says less than the tiny bundle's weights.
+    monkeypatch.setattr("qinyu_edge.device.telemetry.available_memory_bytes", lambda: 1000)
+    src = preset_bundle("tiny-4b")
+    rc = main(["quantize", "--bundle", str(src), "--out", str(tmp_path / "q"), "--recipe", "int4-awq"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "GB available" in err and "--components backbone" in err
+    assert not (tmp_path / "q").exists()
+    # The streamed backbone needs no calibration: it quantizes, and only the accuracy report is skipped.
+    monkeypatch.setattr(quantize, "STREAM_QUANT_BYTES", 0)
+    rc = main(["quantize", "--bundle", str(src), "--out", str(tmp_path / "q"), "--recipe", "int4-rtn",
+               "--components", "backbone"])
+    assert rc == 0 and "accuracy report skipped" in capsys.readouterr().out
+    assert load_bundle(tmp_path / "q").origin["precision"]["backbone"] == "int4"
+
+
+def test_calibration_runs_on_the_int4_backbone_when_the_fp32_bundle_does_not_fit(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(quantize, "STREAM_QUANT_BYTES", 0)
+    src = load_bundle(preset_bundle("tiny-4b"))
+    fp32 = sum(src.files[f].bytes for name, spec in src.components.items() if name not in DERIVED
+               for f in (spec.file, spec.file + ".data") if f in src.files)
+    # One byte short for the fp32 graphs; the INT4 backbone leaves room.
+    monkeypatch.setattr("qinyu_edge.device.telemetry.available_memory_bytes", lambda: fp32 - 1)
+    out = tmp_path / "q"
+    rc = main(["quantize", "--bundle", str(src.root), "--out", str(out), "--recipe", "int4-awq",
+               "--save-calibration", str(tmp_path / "cal")])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "accuracy report skipped" in printed
+    q = load_bundle(out)
+    record = q.origin["quantization"]
+    assert "backbone already INT4" in record["calibration"]["captured_on"] and "captured on" in printed
+    assert q.origin["precision"]["backbone"] == "int4" and q.origin["precision"]["encoder"] == "fp16"
+    assert record["components"]["encoder"]["method"] == "fp16"
+    # The encoder was calibrated on real speech features; the set was saved as asked.
+    saved = CalibrationSet.load(tmp_path / "cal")
+    assert saved["encoder"][0]["features"].std() > 0 and saved["heads_greedy"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
