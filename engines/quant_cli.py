@@ -132,7 +132,7 @@ def _quantize(args: argparse.Namespace, console: Any) -> int:
         bar.update(task, completed=bar.tasks[0].total, description="quantized")
     captured = bundle.origin["quantization"]["calibration"]
     if captured is None:
-        console.print("no calibration was needed: weight-only INT4, streamed one weight at a time")
+        console.print("no calibration was needed: the components were rewritten one weight at a time (streamed)")
     elif captured.get("captured_on"):
         console.print(f"calibration inputs captured on {captured['captured_on']}")
     if args.save_calibration and captured is not None:

@@ -14,12 +14,13 @@ A recipe says, per component, how NVIDIA ModelOpt's ONNX tools rewrite its graph
   a blocked DequantizeLinear in front of the Gather). They are a quarter of the bytes a quantized
   decode step reads, and a second copy of the 4B's tied matrix; the accuracy report scores them.
 
-Real-size graphs: weight-only INT4 of a graph with more than `STREAM_QUANT_BYTES` of fp32 weights
-(the 4B and 8B backbones) is written one weight at a time (engines/int4_stream.py, the same bytes
-ModelOpt's RTN writes), without calibration. AWQ cannot run there (it holds the graph and every
-MatMul's activations), so `int4-awq` falls back to it and the manifest says so (`applied`). Where
-the fp32 bundle is larger than the memory available, the other components are calibrated on the
-bundle with its INT4 backbone, and the manifest says that too.
+Real-size graphs: weight-only INT4 or fp16 of a graph with more than `STREAM_QUANT_BYTES` of fp32
+weights (the 4B and 8B backbones) is written one weight at a time (engines/streamed_rewrite.py, the
+same bytes ModelOpt's RTN and fp16 conversion write), without calibration. AWQ and AutoCast cannot
+run there (they hold the graph and its calibration activations), so `int4-awq` falls back to RTN
+and `fp16` converts without range checks, and the manifest says so (`applied`). Where the fp32
+bundle is larger than the memory available, the other components are calibrated on the bundle
+with its streamed backbone, and the manifest says that too.
 
 A strongly typed TensorRT network takes every type from the graph, so the same files build on
 TensorRT 10.3 (JetPack 6) through 11.x, where the precision builder flags are gone. The lm_head (the
@@ -94,9 +95,9 @@ EMBEDDING_METHODS = {"int4": "int4-rtn"}  # ModelOpt quantizes Gather tables in 
 FP8_ORT_DISABLED = ("QDQSelectorActionTransformer",)
 # Above this the weights go to a side file: protobuf cannot hold more than 2 GiB.
 EXTERNAL_DATA_BYTES = 1 << 30
-# Weight-only INT4 of a graph with more fp32 weights than this is written one weight at a time
-# (engines/int4_stream.py): ModelOpt holds the graph, its weights and their quantized copies, and
-# AWQ also every calibration activation of every MatMul (the real-size backbones).
+# Weight-only INT4 or fp16 of a graph with more fp32 weights than this is written one weight at a
+# time (engines/streamed_rewrite.py): ModelOpt holds the graph, its weights and their converted
+# copies, and AWQ and AutoCast also their calibration activations (the real-size backbones).
 STREAM_QUANT_BYTES = 2 << 30
 
 
@@ -603,12 +604,15 @@ def weight_bytes(src: Path) -> int:
 
 
 def streams(src: Path, cr: ComponentRecipe) -> bool:
-    """Whether `cr` on the graph at `src` runs one weight at a time (weight-only INT4 of a graph
-    too large for ModelOpt's whole-model pass, without tables for its Gather path)."""
+    """Whether `cr` on the graph at `src` runs one weight at a time: a graph too large for
+    ModelOpt's whole-model passes, in weight-only INT4 (without tables, which take ModelOpt's Gather
+    path) or fp16 (without nodes kept fp32, which AutoCast picks by name)."""
     import onnx
 
-    if cr.method not in ("int4-rtn", "int4-awq") or weight_bytes(src) <= STREAM_QUANT_BYTES:
+    if cr.method not in ("int4-rtn", "int4-awq", "fp16") or weight_bytes(src) <= STREAM_QUANT_BYTES:
         return False
+    if cr.method == "fp16":
+        return not cr.keep
     return not table_lookups(onnx.load(str(src), load_external_data=False))
 
 
@@ -663,9 +667,15 @@ def quantize_component(src: str | os.PathLike, dst: str | os.PathLike, spec: Com
             if streamed:
                 model_out, excluded, n_gemm = _rewrite_streamed(src, out, cr, progress)
                 files = [out, out.with_name(out.name + ".data")]
+                gb = weight_bytes(src) / 1e9
                 if cr.method == "int4-awq":
-                    applied = (f"int4-rtn, streamed: AWQ holds the whole graph ({weight_bytes(src) / 1e9:.1f} GB of fp32 "
-                               "weights) and every MatMul's calibration activations in memory")
+                    applied = (f"int4-rtn, streamed: AWQ holds the whole graph ({gb:.1f} GB of fp32 weights) and every "
+                               "MatMul's calibration activations in memory")
+                elif cr.method == "fp16":
+                    applied = (f"fp16, streamed without calibration: AutoCast holds the whole graph ({gb:.1f} GB of fp32 "
+                               "weights); no node is kept fp32 for its activations' range, and the check run must "
+                               "give finite outputs")
+                if applied:
                     log.warning("%s: %s", spec.name, applied)
             else:
                 model_out, excluded, n_gemm = _rewrite(src, spec, cr, calib, work)
@@ -704,10 +714,12 @@ def _rewrite_streamed(src: Path, out: Path, cr: ComponentRecipe, progress: Calla
                       ) -> tuple[onnx.ModelProto, list[str], int]:
     import onnx
 
-    from .int4_stream import quantize_int4_streamed
+    from .streamed_rewrite import rewrite_streamed
 
+    if cr.method == "fp16":
+        return rewrite_streamed(src, out, "fp16", progress=progress), [], 0
     excluded = _excluded(onnx.load(str(src), load_external_data=False), cr)
-    model = quantize_int4_streamed(src, out, cr.block_size, [f"^{re.escape(n)}$" for n in excluded], progress)
+    model = rewrite_streamed(src, out, "int4", cr.block_size, [f"^{re.escape(n)}$" for n in excluded], progress)
     return model, excluded, 0
 
 
@@ -772,7 +784,7 @@ def plan_components(bundle: Bundle, recipe: Recipe, components: Sequence[str] | 
 
 def needs_calibration(bundle: Bundle, plan: Mapping[str, ComponentRecipe]) -> bool:
     """Whether a component of `plan` is quantized from calibration data (all but fp32 and the
-    streamed weight-only INT4 ones)."""
+    streamed ones)."""
     return any(cr.method != "fp32" and not streams(bundle.path(name), cr) for name, cr in plan.items())
 
 
@@ -819,7 +831,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
             if not streamed:
                 raise
             # The fp32 backbone is what does not fit: the other components are calibrated on the
-            # bundle with its INT4 backbone, whose activations differ from fp32 by its rounding.
+            # bundle with its streamed backbone, whose activations differ from fp32 by its rounding.
             capture_from = "streamed"
             log.info("the fp32 bundle does not fit in memory: calibration runs after %s", ", ".join(streamed))
     # At most the fp32 bundle's size: every quantized component is smaller than its fp32 file.
@@ -869,7 +881,8 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         origin["quantization"] = _record(src, recipe, plan, results, target, calibration)
         if capture_from == "streamed":
             origin["quantization"]["calibration"]["captured_on"] = (
-                f"this bundle with {', '.join(streamed)} already INT4: the fp32 bundle exceeds the memory available")
+                f"this bundle with {', '.join(f'{n} already {PRECISION[plan[n].method]}' for n in streamed)}: "
+                "the fp32 bundle exceeds the memory available")
         opsets = [r.stats.opset for r in results.values()]
         bundle = dataclasses.replace(src, root=tmp, components=specs, files=file_entries(tmp, files), origin=origin,
                                      opset=max([src.opset, *opsets]), ort_variants=variants,

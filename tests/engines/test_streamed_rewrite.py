@@ -1,5 +1,6 @@
-"""Weight-only INT4 one weight at a time (the real-size path) against ModelOpt's own RTN, and the
-quantize command on a bundle whose backbone takes that path (thresholds lowered to the tiny presets)."""
+"""Weight-only INT4 and fp16 one weight at a time (the real-size path) against ModelOpt's own RTN and
+fp16 conversion, and the quantize command on a bundle whose backbone takes that path (thresholds
+lowered to the tiny presets)."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ pytest.importorskip("modelopt.onnx.quantization", reason="nvidia-modelopt (witho
 
 from qinyu_edge.bundle import load_bundle
 from qinyu_edge.cli import main
-from qinyu_edge.engines import int4_stream, quantize
+from qinyu_edge.engines import quantize, streamed_rewrite
 from qinyu_edge.engines.calibration import CalibrationSet
 from qinyu_edge.engines.decode_graphs import DERIVED
-from qinyu_edge.engines.int4_stream import StreamQuantError, pack_int4, quantize_int4_streamed
+from qinyu_edge.engines.streamed_rewrite import StreamQuantError, pack_int4, rewrite_streamed
 from qinyu_edge.engines.quantize import (
     ComponentRecipe,
     batched_weight_matmuls,
@@ -47,27 +48,66 @@ def test_streamed_rtn_writes_what_modelopt_writes(preset, tmp_path, monkeypatch)
     assert reference.applied is None and reference.stats.quantized_weights > 0
     # Streamed from a side file, a few rows (one block of 128 input channels) at a time.
     src = _all_external(b.path("backbone"), tmp_path / "src.onnx")
-    monkeypatch.setattr(int4_stream, "BLOCK_BYTES", 1)
+    monkeypatch.setattr(streamed_rewrite, "BLOCK_BYTES", 1)
     exclude = [f"^{n}$" for n in batched_weight_matmuls(onnx.load(str(src), load_external_data=False))]
     (tmp_path / "st").mkdir()
-    quantize_int4_streamed(src, tmp_path / "st" / "backbone.onnx", 128, exclude)
+    rewrite_streamed(src, tmp_path / "st" / "backbone.onnx", "int4", 128, exclude)
 
-    ours, theirs = (onnx.load(str(p)) for p in (tmp_path / "st" / "backbone.onnx",
-                                                tmp_path / "modelopt" / "backbone.onnx"))
+    theirs = onnx.load(str(tmp_path / "modelopt" / "backbone.onnx"))
+    int4 = [t for t in theirs.graph.initializer if t.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == reference.stats.quantized_weights
+    _assert_same(tmp_path / "st" / "backbone.onnx", theirs, calib["backbone"])
+
+
+def _assert_same(path, theirs, samples):
+    """The graph at `path` holds `theirs`' tensors, byte for byte, and nodes, and computes the same."""
+    ours = onnx.load(str(path))
     a = {t.name: t for t in ours.graph.initializer}
     m = {t.name: t for t in theirs.graph.initializer}
     assert set(a) == set(m)
-    int4 = [n for n, t in m.items() if t.data_type == onnx.TensorProto.INT4]
-    assert len(int4) == reference.stats.quantized_weights
     for n in m:
         assert a[n].data_type == m[n].data_type and list(a[n].dims) == list(m[n].dims), n
         assert numpy_helper.to_array(a[n]).tobytes() == numpy_helper.to_array(m[n]).tobytes(), n
     assert Counter(n.op_type for n in ours.graph.node) == Counter(n.op_type for n in theirs.graph.node)
     assert [o.version for o in ours.opset_import] == [o.version for o in theirs.opset_import]
-    for s in calib["backbone"]:
-        got = open_session(tmp_path / "st" / "backbone.onnx").run(s)
-        want = open_session(tmp_path / "modelopt" / "backbone.onnx").run(s)
+    other = path.with_name("theirs.onnx")
+    onnx.save(theirs, str(other))
+    for s in samples:
+        got, want = open_session(path).run(s), open_session(other).run(s)
         assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("component", ["backbone", "heads_greedy", "embedding"])
+def test_streamed_fp16_writes_what_modelopt_converts(component, tmp_path, monkeypatch):
+    from modelopt.onnx.autocast import convert_to_f16
+
+    b = load_bundle(preset_bundle("tiny-8b"))
+    spec = b.components[component]
+    src = _all_external(b.path(component), tmp_path / "src.onnx")
+    monkeypatch.setattr(streamed_rewrite, "BLOCK_BYTES", 64)
+    (tmp_path / "st").mkdir()
+    rewrite_streamed(src, tmp_path / "st" / "c.onnx", "fp16")
+    theirs = convert_to_f16(onnx.load(str(b.path(component))), keep_io_types=True)
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in theirs.graph.initializer)
+    _assert_same(tmp_path / "st" / "c.onnx", theirs, [spec_sample(spec, seed=s) for s in range(2)])
+
+
+def test_fp16_overflow_is_clamped_and_named(tmp_path, caplog):
+    w = np.ones((4, 300), np.float32)
+    w[1, 7], w[2, 9] = 1e6, -7e4
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 300])],
+        [numpy_helper.from_array(w, "w")])
+    src = tmp_path / "m.onnx"
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), str(src))
+    (tmp_path / "out").mkdir()
+    out = rewrite_streamed(src, tmp_path / "out" / "m.onnx", "fp16")
+    assert "2 values of w exceed fp16's range" in caplog.text
+    y = open_session(tmp_path / "out" / "m.onnx").run({"x": np.eye(1, 4, 1, dtype=np.float32)})["y"]
+    assert y[0, 7] == 65504.0 and np.isfinite(y).all()
+    assert {t.data_type for t in out.graph.initializer} == {onnx.TensorProto.FLOAT16}
 
 
 def test_pack_int4_is_onnx_order():
@@ -126,23 +166,24 @@ def test_a_bundle_too_large_for_memory_is_not_run_for_calibration(tmp_path, monk
 
 
 def test_calibration_runs_on_the_int4_backbone_when_the_fp32_bundle_does_not_fit(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(quantize, "STREAM_QUANT_BYTES", 0)
     src = load_bundle(preset_bundle("tiny-4b"))
+    # The backbone is the one graph above the threshold here, as on the real models.
+    monkeypatch.setattr(quantize, "STREAM_QUANT_BYTES", quantize.weight_bytes(src.path("backbone")) - 1)
     fp32 = sum(src.files[f].bytes for name, spec in src.components.items() if name not in DERIVED
                for f in (spec.file, spec.file + ".data") if f in src.files)
     # One byte short for the fp32 graphs; the INT4 backbone leaves room.
     monkeypatch.setattr("qinyu_edge.device.telemetry.available_memory_bytes", lambda: fp32 - 1)
     out = tmp_path / "q"
-    rc = main(["quantize", "--bundle", str(src.root), "--out", str(out), "--recipe", "int4-awq",
-               "--save-calibration", str(tmp_path / "cal")])
+    rc = main(["quantize", "--bundle", str(src.root), "--out", str(out), "--recipe", "int4-awq", "--components",
+               "backbone", "audio_projector", "speaker_projector", "--save-calibration", str(tmp_path / "cal")])
     printed = capsys.readouterr().out
     assert rc == 0 and "accuracy report skipped" in printed
     q = load_bundle(out)
     record = q.origin["quantization"]
-    assert "backbone already INT4" in record["calibration"]["captured_on"] and "captured on" in printed
-    assert q.origin["precision"]["backbone"] == "int4" and q.origin["precision"]["encoder"] == "fp16"
-    assert record["components"]["encoder"]["method"] == "fp16"
-    # The encoder was calibrated on real speech features; the set was saved as asked.
+    assert "backbone already int4" in record["calibration"]["captured_on"] and "captured on" in printed
+    assert q.origin["precision"]["backbone"] == "int4" and q.origin["precision"]["audio_projector"] == "fp16"
+    assert "applied" not in record["components"]["audio_projector"]  # AutoCast, with calibration
+    # The projector was calibrated on encoder outputs of real speech; the set was saved as asked.
     saved = CalibrationSet.load(tmp_path / "cal")
-    assert saved["encoder"][0]["features"].std() > 0 and saved["heads_greedy"]
+    assert all(np.asarray(v).std() > 0 for v in saved["audio_projector"][0].values())
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
