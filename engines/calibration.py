@@ -289,10 +289,16 @@ class BundleTooLargeError(QinyuError):
     """The fp32 bundle cannot run on this machine: more weights than free memory."""
 
 
+def run_memory(weight_bytes: int) -> int:
+    """Memory a run of graphs holding `weight_bytes` needs: the weights, a tenth more for ONNX
+    Runtime's arenas and activations, and 1 GiB for the process itself."""
+    return int(weight_bytes * 1.1) + (1 << 30)
+
+
 def check_runs_here(bundle_dir: str | os.PathLike, what: str) -> None:
-    """Refuse to run the fp32 bundle (for calibration or the accuracy report) where its graphs'
-    weights exceed the memory available: ONNX Runtime holds them all, and the kernel would kill
-    the process after minutes of swapping instead."""
+    """Refuse to run a bundle (for calibration or the accuracy report) where its graphs need more
+    than the memory available: ONNX Runtime holds every weight, and the kernel would kill the
+    process after minutes of swapping instead."""
     from qinyu_edge.device.telemetry import available_memory_bytes
 
     bundle = load_bundle(bundle_dir, verify=False)  # sizes only: the run that follows verifies the files
@@ -300,10 +306,11 @@ def check_runs_here(bundle_dir: str | os.PathLike, what: str) -> None:
              for n in (spec.file, spec.file + ".data") if n in bundle.files}
     need = sum(bundle.files[n].bytes for n in files)
     free = available_memory_bytes()
-    if free is not None and need > free:
+    if free is not None and run_memory(need) > free:
         raise BundleTooLargeError(
-            f"{what} runs the fp32 bundle {bundle.root} in ONNX Runtime: {need / 1e9:.1f} GB of weights, and this "
-            f"machine has {free / 1e9:.1f} GB available. Quantize the backbone alone without calibration "
+            f"{what} runs the bundle {bundle.root} in ONNX Runtime: {need / 1e9:.1f} GB of weights, "
+            f"{run_memory(need) / 1e9:.1f} GB with its working memory, and this machine has {free / 1e9:.1f} GB "
+            "available. Quantize the backbone alone without calibration "
             "(`--recipe int4-rtn --components backbone`, streamed one weight at a time), or capture the calibration "
             "set on a larger machine (`--save-calibration DIR`) and pass it with `--calibration DIR`."
         )
@@ -353,6 +360,7 @@ __all__ = [
     "backbone_windows",
     "capture",
     "check_runs_here",
+    "run_memory",
     "render_cases",
     "render_speech",
     "run_cases",

@@ -820,20 +820,11 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
     plan = plan_components(src, recipe, components)
     check_target(plan, target)
     streamed = [name for name, cr in plan.items() if streams(src.path(name), cr)]
-    capture_from = None  # where calibration is captured: the fp32 bundle, or the staged one after its streamed parts
-    if calibration is None and (needs_calibration(src, plan) or save_calibration is not None):
-        from .calibration import BundleTooLargeError, check_runs_here
+    wants_capture = calibration is None and (needs_calibration(src, plan) or save_calibration is not None)
+    if wants_capture and not streamed:
+        from .calibration import check_runs_here
 
-        try:
-            check_runs_here(src.root, "capturing calibration inputs")
-            capture_from = "fp32"
-        except BundleTooLargeError:
-            if not streamed:
-                raise
-            # The fp32 backbone is what does not fit: the other components are calibrated on the
-            # bundle with its streamed backbone, whose activations differ from fp32 by its rounding.
-            capture_from = "streamed"
-            log.info("the fp32 bundle does not fit in memory: calibration runs after %s", ", ".join(streamed))
+        check_runs_here(src.root, "capturing calibration inputs")  # before hours of work, not after
     # At most the fp32 bundle's size: every quantized component is smaller than its fp32 file.
     with staged_dir(out, force, need_bytes=sum(e.bytes for e in src.files.values())) as tmp:
         results: dict[str, ComponentResult] = {}
@@ -849,10 +840,11 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
                 shutil.copy2(src.file(name), inside(tmp, name, "a bundle file"))
         specs = dict(src.components)
         order = sorted(todo, key=lambda n: n not in streamed)
+        captured_on = None
         for i, name in enumerate(order):
             cr = todo[name]
-            if calibration is None and capture_from is not None and name not in streamed:
-                calibration = _capture(src, tmp, specs, set(results), capture_from, threads, progress, (i, len(todo)))
+            if wants_capture and calibration is None and name not in streamed:
+                calibration, captured_on = _capture(src, tmp, specs, set(results), threads, progress, (i, len(todo)))
             if progress is not None:
                 progress(name, i, len(todo), "")
 
@@ -865,8 +857,9 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
                                      progress=weights)
             results[name] = res
             specs[name] = dataclasses.replace(spec, ort_disabled_optimizers=res.ort_disabled_optimizers)
-        if calibration is None and capture_from is not None:  # wanted only to be saved
-            calibration = _capture(src, tmp, specs, set(results), capture_from, threads, progress, (len(todo), len(todo)))
+        if wants_capture and calibration is None:  # wanted only to be saved
+            calibration, captured_on = _capture(src, tmp, specs, set(results), threads, progress,
+                                                (len(todo), len(todo)))
         if save_calibration is not None and calibration is not None:
             calibration.save(save_calibration)
         if progress is not None:
@@ -879,10 +872,8 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
             origin["precision"][DECODE] = max((origin["precision"][n] for n in ("backbone", HEADS)),
                                               key=PRECISIONS.index)
         origin["quantization"] = _record(src, recipe, plan, results, target, calibration)
-        if capture_from == "streamed":
-            origin["quantization"]["calibration"]["captured_on"] = (
-                f"this bundle with {', '.join(f'{n} already {PRECISION[plan[n].method]}' for n in streamed)}: "
-                "the fp32 bundle exceeds the memory available")
+        if captured_on:
+            origin["quantization"]["calibration"]["captured_on"] = captured_on
         opsets = [r.stats.opset for r in results.values()]
         bundle = dataclasses.replace(src, root=tmp, components=specs, files=file_entries(tmp, files), origin=origin,
                                      opset=max([src.opset, *opsets]), ort_variants=variants,
@@ -892,16 +883,26 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         return dataclasses.replace(bundle, root=out)
 
 
-def _capture(src: Bundle, staged: Path, specs: Mapping[str, ComponentSpec], done: set[str], capture_from: str,
-             threads: int | None, progress: ProgressFn | None, step: tuple[int, int]) -> CalibrationSet:
-    """Calibration inputs from the fp32 bundle, or from a view of the bundle with the components
-    in `done` (the streamed ones) already quantized, given a manifest of its own for the run."""
-    from .calibration import capture
+def _capture(src: Bundle, staged: Path, specs: Mapping[str, ComponentSpec], done: set[str],
+             threads: int | None, progress: ProgressFn | None, step: tuple[int, int]
+             ) -> tuple[CalibrationSet, str | None]:
+    """Calibration inputs from the fp32 bundle; where it does not fit in memory, from a view of the
+    bundle with the components in `done` (the streamed ones) already quantized, given a manifest of
+    its own for the run. Returns the set and, in the second case, what it was captured on."""
+    from .calibration import BundleTooLargeError, capture
 
     if progress is not None:
         progress("calibration", *step, "espeak-ng prompts through the bundle")
-    if capture_from == "fp32":
-        return capture(src.root, threads=threads)
+    try:
+        return capture(src.root, threads=threads), None
+    except BundleTooLargeError as e:
+        if not done:
+            raise
+        # The fp32 backbone is what does not fit: the rest is calibrated on the bundle with the
+        # streamed backbone, whose activations differ from fp32 by its rounding.
+        log.info("%s; calibrating on the bundle with %s already quantized", e, ", ".join(sorted(done)))
+    on = (f"this bundle with {', '.join(sorted(done))} already quantized: the fp32 bundle exceeds the memory "
+          "available")
     parts = {n: s for n, s in specs.items() if n not in DERIVED}
     where = {f: staged if n in done else src.root for n, s in parts.items() for f in (s.file, s.file + ".data")}
     where.update({n: src.root for n in src.files if not n.endswith((".onnx", ".data"))})
@@ -916,7 +917,7 @@ def _capture(src: Bundle, staged: Path, specs: Mapping[str, ComponentSpec], done
                 shutil.copy2(where[f] / f, view / f)
         write_manifest(dataclasses.replace(src, root=view, components=parts, files=file_entries(view, files),
                                            ort_variants={}, host_embedding=None))
-        return capture(view, threads=threads)
+        return capture(view, threads=threads), on
     finally:
         shutil.rmtree(view, ignore_errors=True)
 

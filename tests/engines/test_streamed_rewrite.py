@@ -16,7 +16,7 @@ pytest.importorskip("modelopt.onnx.quantization", reason="nvidia-modelopt (witho
 from qinyu_edge.bundle import load_bundle
 from qinyu_edge.cli import main
 from qinyu_edge.engines import quantize, streamed_rewrite
-from qinyu_edge.engines.calibration import CalibrationSet
+from qinyu_edge.engines.calibration import CalibrationSet, run_memory
 from qinyu_edge.engines.decode_graphs import DERIVED
 from qinyu_edge.engines.streamed_rewrite import StreamQuantError, pack_int4, rewrite_streamed
 from qinyu_edge.engines.quantize import (
@@ -172,7 +172,7 @@ def test_calibration_runs_on_the_int4_backbone_when_the_fp32_bundle_does_not_fit
     fp32 = sum(src.files[f].bytes for name, spec in src.components.items() if name not in DERIVED
                for f in (spec.file, spec.file + ".data") if f in src.files)
     # One byte short for the fp32 graphs; the INT4 backbone leaves room.
-    monkeypatch.setattr("qinyu_edge.device.telemetry.available_memory_bytes", lambda: fp32 - 1)
+    monkeypatch.setattr("qinyu_edge.device.telemetry.available_memory_bytes", lambda: run_memory(fp32) - 1)
     out = tmp_path / "q"
     rc = main(["quantize", "--bundle", str(src.root), "--out", str(out), "--recipe", "int4-awq", "--components",
                "backbone", "audio_projector", "speaker_projector", "--save-calibration", str(tmp_path / "cal")])
@@ -180,7 +180,7 @@ def test_calibration_runs_on_the_int4_backbone_when_the_fp32_bundle_does_not_fit
     assert rc == 0 and "accuracy report skipped" in printed
     q = load_bundle(out)
     record = q.origin["quantization"]
-    assert "backbone already int4" in record["calibration"]["captured_on"] and "captured on" in printed
+    assert "backbone already quantized" in record["calibration"]["captured_on"] and "captured on" in printed
     assert q.origin["precision"]["backbone"] == "int4" and q.origin["precision"]["audio_projector"] == "fp16"
     assert "applied" not in record["components"]["audio_projector"]  # AutoCast, with calibration
     # The projector was calibrated on encoder outputs of real speech; the set was saved as asked.

@@ -132,9 +132,10 @@ def test_real_width_4b_with_two_layers_loads_through_the_real_loader(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_size_4b_exports_within_12_gib(tmp_path):
-    """The whole 4B, 40 layers of random weights in the real layout, through the user's command:
-    about 6 minutes and 37 GB of disk here (checkpoint and bundle), peak RSS about 8 GB."""
+def test_real_size_4b_exports_within_12_gib_and_quantizes_within_20(tmp_path):
+    """The whole 4B, 40 layers of random weights in the real layout, through the user's commands:
+    export about 6 minutes and 37 GB of disk here (checkpoint and bundle), peak RSS about 8 GB; the
+    INT4 backbone about 14 minutes, peak RSS about 7 GB, 8 GB more disk."""
     out = tmp_path / "b"
     cli = "import sys; from qinyu_edge.cli import main; sys.exit(main(sys.argv[1:]))"
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -148,3 +149,11 @@ def test_real_size_4b_exports_within_12_gib(tmp_path):
     assert any(r["output"] == "hidden (end to end)" and "layer by layer (40)" in r["inputs"] for r in rows)
     assert (out / "backbone.onnx.data").stat().st_size > 16e9
     assert main(["lint", "--bundle", str(out)]) == 0
+    q = tmp_path / "q"
+    subprocess.run([sys.executable, "-c", cli, "quantize", "--bundle", str(out), "--out", str(q), "--recipe", "int4-awq",
+                    "--components", "backbone", "--no-accuracy"], check=True, timeout=3600)
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 < 20 * 2**30
+    record = json.loads((q / "bundle.json").read_text())["origin"]["quantization"]["components"]["backbone"]
+    assert record["applied"].startswith("int4-rtn, streamed") and record["quantized_weights"]["int4"] == 240
+    assert (q / "backbone.onnx.data").stat().st_size < 2.6e9
+    assert main(["lint", "--bundle", str(q)]) == 0
