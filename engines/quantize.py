@@ -651,12 +651,18 @@ def quantize_component(src: str | os.PathLike, dst: str | os.PathLike, spec: Com
     t0 = time.perf_counter()
     disabled = tuple(spec.ort_disabled_optimizers) + (FP8_ORT_DISABLED if cr.method == "fp8" else ())
     streamed = streams(src, cr)
-    if streamed and (calib is None or not calib.samples.get(spec.name)):
-        samples = [spec_sample(spec)]
-    else:
-        samples = calib[spec.name]
-    check_calibration(spec, samples)
     applied = None
+    if (streamed or cr.method == "fp16") and (calib is None or not calib.samples.get(spec.name)):
+        samples = [spec_sample(spec)]
+        if not streamed:
+            from .calibration import CalibrationSet
+
+            calib = CalibrationSet({spec.name: samples})
+            applied = ("fp16, AutoCast calibrated on one synthetic input (small normal floats, zero ids): no "
+                       "calibration case reached this component")
+    else:
+        samples = calib[spec.name]  # refuses, naming the gap, where a method needs real samples
+    check_calibration(spec, samples)
     dst.parent.mkdir(parents=True, exist_ok=True)
     # Beside the destination: a streamed output is GBs, and the move is then a rename.
     with tempfile.TemporaryDirectory(prefix=f".quant-{spec.name}-", dir=dst.parent) as tmp:
@@ -675,8 +681,6 @@ def quantize_component(src: str | os.PathLike, dst: str | os.PathLike, spec: Com
                     applied = (f"fp16, streamed without calibration: AutoCast holds the whole graph ({gb:.1f} GB of fp32 "
                                "weights); no node is kept fp32 for its activations' range, and the check run must "
                                "give finite outputs")
-                if applied:
-                    log.warning("%s: %s", spec.name, applied)
             else:
                 model_out, excluded, n_gemm = _rewrite(src, spec, cr, calib, work)
                 files = _save(model_out, out)
@@ -686,6 +690,8 @@ def quantize_component(src: str | os.PathLike, dst: str | os.PathLike, spec: Com
             log.debug("%s: %s failed", spec.name, cr.method, exc_info=True)
             raise QuantizationError(f"{spec.name}: {cr.method} failed in ModelOpt: {type(e).__name__}: "
                                     f"{str(e)[:400]} (run with -v for the traceback)") from e
+        if applied:
+            log.warning("%s: %s", spec.name, applied)
         if streamed:  # the fp32 graph is what does not fit: the spec says what comes out
             shapes = spec_shapes(spec, samples[0])
         else:
@@ -820,6 +826,8 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
     plan = plan_components(src, recipe, components)
     check_target(plan, target)
     streamed = [name for name, cr in plan.items() if streams(src.path(name), cr)]
+    if calibration is not None:
+        _check_coverage(calibration, {n: cr for n, cr in plan.items() if n not in streamed})
     wants_capture = calibration is None and (needs_calibration(src, plan) or save_calibration is not None)
     if wants_capture and not streamed:
         from .calibration import check_runs_here
@@ -845,6 +853,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
             cr = todo[name]
             if wants_capture and calibration is None and name not in streamed:
                 calibration, captured_on = _capture(src, tmp, specs, set(results), threads, progress, (i, len(todo)))
+                _check_coverage(calibration, {n: todo[n] for n in order[i:]})
             if progress is not None:
                 progress(name, i, len(todo), "")
 
@@ -881,6 +890,17 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         write_manifest(bundle)
         replace_dir(tmp, out)
         return dataclasses.replace(bundle, root=out)
+
+
+def _check_coverage(calibration: CalibrationSet, todo: Mapping[str, ComponentRecipe]) -> None:
+    """Refuse, before any of them is started, components whose method needs calibration samples the
+    capture did not produce (fp16 makes do with a synthetic input, and says so)."""
+    missing = [n for n, cr in todo.items() if cr.method not in ("fp16", "fp32") and not calibration.samples.get(n)]
+    if missing:
+        raise QuantizationError(
+            f"the calibration cases never reached {', '.join(missing)} ({', '.join(todo[n].method for n in missing)} "
+            "needs real samples of its inputs); nothing was written. Quantize it fp16, or capture a set whose cases "
+            "reach it (`--save-calibration`, then `--calibration`)")
 
 
 def _capture(src: Bundle, staged: Path, specs: Mapping[str, ComponentSpec], done: set[str],

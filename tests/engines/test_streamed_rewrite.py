@@ -187,3 +187,15 @@ def test_calibration_runs_on_the_int4_backbone_when_the_fp32_bundle_does_not_fit
     saved = CalibrationSet.load(tmp_path / "cal")
     assert all(np.asarray(v).std() > 0 for v in saved["audio_projector"][0].values())
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_component_no_calibration_case_reached_is_autocast_on_a_synthetic_input(tmp_path):
+    src = preset_bundle("tiny-4b")
+    q = quantize.quantize_bundle(src, tmp_path / "q", "fp16", components=["xy_decoder"], calibration=CalibrationSet({}))
+    record = q.origin["quantization"]["components"]["xy_decoder"]
+    assert q.origin["precision"]["xy_decoder"] == "fp16" and "synthetic input" in record["applied"]
+    # A method that needs real samples is refused before anything is written.
+    with pytest.raises(quantize.QuantizationError, match="never reached audio_projector"):
+        quantize.quantize_bundle(src, tmp_path / "q8", "int8", components=["audio_projector"],
+                                 calibration=CalibrationSet({}))
+    assert not (tmp_path / "q8").exists()
