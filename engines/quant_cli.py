@@ -96,6 +96,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return rc
 
 
+def quantize_exported(bundle: Path, out: Path, recipe: str, force: bool, console: Any) -> int:
+    """`quantize --bundle BUNDLE --out OUT --recipe RECIPE [--force]`, every other option at its
+    default, with the same report: `export --dtype` finishes with it."""
+    parser = argparse.ArgumentParser(prog="qinyu-edge")
+    add_parsers(parser.add_subparsers())
+    args = parser.parse_args(["quantize", "--bundle", str(bundle), "--out", str(out), "--recipe", recipe,
+                              *(["--force"] if force else [])])
+    return _quantize(args, console)
+
+
 def _quantize(args: argparse.Namespace, console: Any) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 

@@ -65,7 +65,7 @@ from qinyu_edge.bundle_paths import inside
 from qinyu_edge.device.targets import PRECISIONS
 from qinyu_edge.errors import QinyuError
 from qinyu_edge.fileio import replace_dir
-from qinyu_edge.staging import staged_dir
+from qinyu_edge.staging import refuse_existing, staged_dir
 
 from .decode_graphs import DECODE, DERIVED, HEADS, derive as derive_decode
 from .modelopt_log import quiet_modelopt
@@ -819,8 +819,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         raise QuantizationError(f"{src.root} is already quantized ({src.origin['quantization']['recipe']}); "
                                 "quantize the fp32 bundle it came from")
     out = Path(out)
-    if out.exists() and not force:
-        raise QuantizationError(f"{out} already exists. Choose another --out, or pass --force to replace it.")
+    refuse_existing(out, force)
     if out.resolve() == src.root.resolve():
         raise QuantizationError("--out must differ from --bundle: the fp32 bundle is the reference")
     plan = plan_components(src, recipe, components)

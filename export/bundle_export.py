@@ -40,7 +40,7 @@ from qinyu_edge.bundle import (
 from qinyu_edge.engines.decode_graphs import check_decode, derive as derive_decode
 from qinyu_edge.errors import QinyuError
 from qinyu_edge.fileio import replace_dir
-from qinyu_edge.staging import staged_dir
+from qinyu_edge.staging import refuse_existing, staged_dir
 from qinyu_edge.validate import check_max_context
 
 from .models.backbone import Qwen3Backbone
@@ -297,8 +297,7 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
     `on_stage` hears the name of each stage as it starts (`bench_export_memory` times them)."""
     out = Path(out)
     console = console or Console(stderr=True)
-    if out.exists() and not force:
-        raise QinyuError(f"{out} already exists. Choose another --out, or pass --force to replace it.")
+    refuse_existing(out, force)
     cfg = model.config
     max_context = (min(cfg.backbone.max_position_embeddings, 8192) if max_context is None
                    else check_max_context(max_context, cfg.backbone.max_position_embeddings))

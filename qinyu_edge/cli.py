@@ -30,6 +30,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace, console) -> int:
     from .export.qinyu_checkpoint import load_preset, load_qinyu
+    from .staging import refuse_existing
+
+    if args.out is not None:  # before minutes of loading or writing a checkpoint
+        refuse_existing(args.out, args.force)
 
     if args.preset and args.max_context is not None:  # before minutes of building (a checkpoint's is checked on load)
         from .config import preset
@@ -47,23 +51,42 @@ def _cmd_export(args: argparse.Namespace, console) -> int:
         raise QinyuError("give --out: the bundle folder to create")
     if args.preset:
         console.print(f"building preset [bold]{args.preset}[/bold] (random weights, seed {args.seed}) in the real checkpoint layout")
-        model = load_preset(args.preset, seed=args.seed)
-    else:
-        missing = [f for f in ("sensevoice", "xy") if getattr(args, f) is None]
-        if missing:
-            raise QinyuError(f"--checkpoint needs {' and '.join('--' + m for m in missing)} too "
-                             "(the SenseVoiceSmall folder and the VITA-QinYu-Models folder).")
-        model = load_qinyu(args.checkpoint, args.sensevoice, args.xy)
-    return _export(model, args, console)
+        # The model is passed, never bound here: `_export` drops it before quantizing.
+        return _export(load_preset(args.preset, seed=args.seed), args, console)
+    missing = [f for f in ("sensevoice", "xy") if getattr(args, f) is None]
+    if missing:
+        raise QinyuError(f"--checkpoint needs {' and '.join('--' + m for m in missing)} too "
+                         "(the SenseVoiceSmall folder and the VITA-QinYu-Models folder).")
+    return _export(load_qinyu(args.checkpoint, args.sensevoice, args.xy), args, console)
 
 
 def _export(model, args: argparse.Namespace, console) -> int:
-    from .export.bundle_export import export_bundle
+    import gc
 
-    bundle = export_bundle(model, args.out, force=args.force, max_context=args.max_context, console=console)
+    from .export.bundle_export import export_bundle
+    from .fileio import remove_path
+
+    out = args.out
+    if args.dtype != "fp32":  # the fp32 bundle is the quantizer's input and reference, written beside --out
+        out = out.with_name(f"{out.name}.fp32")
+    bundle = export_bundle(model, out, force=args.force, max_context=args.max_context, console=console)
     console.print(f"bundle written to [bold]{bundle.root}[/bold]: {len(bundle.components)} components, "
                   f"worst parity rel error {bundle.parity['worst_rel']:.2e}")
-    return 0
+    if args.dtype == "fp32":
+        return 0
+    from .engines.quant_cli import quantize_exported
+
+    del model, bundle
+    gc.collect()
+    console.print(f"--dtype {args.dtype}: quantizing it with `--recipe {args.dtype}` into [bold]{args.out}[/bold]")
+    try:
+        rc = quantize_exported(out, args.out, args.dtype, args.force, console)
+    except BaseException:
+        console.print(f"the fp32 bundle stays at {out}: `qinyu-edge quantize --bundle {out} --out {args.out} "
+                      f"--recipe {args.dtype}` finishes the job without exporting again")
+        raise
+    remove_path(out)
+    return rc
 
 
 def _load_voice(value: str | None):
@@ -193,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true", help="replace --out if it exists")
     e.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of a preset's random weights")
     e.add_argument("--max-context", type=COUNT, default=None, help="longest context the shape ranges allow")
+    e.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="fp32: the reference bundle (CPU checks, the input of `quantize`); fp16: the bundle a GPU "
+                        "runs, made by exporting fp32 to OUT.fp32, quantizing that with `--recipe fp16` (with its "
+                        "accuracy report) and removing it, so the disk must hold both")
     e.set_defaults(func=cmd_export)
 
     r = sub.add_parser("run", help="one turn from a WAV (or text) to a reply WAV and a JSON with text, tokens, timings")

@@ -81,6 +81,12 @@ def _writer_lock(out: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def refuse_existing(out: Path, force: bool) -> None:
+    """Refuse an existing `out` unless `force`: called before minutes of work as well as at the end."""
+    if out.exists() and not force:
+        raise OutputError(f"{out} already exists. Choose another --out, or pass --force to replace it.")
+
+
 @contextmanager
 def staged_dir(out: str | os.PathLike, force: bool, need_bytes: int = 0) -> Iterator[Path]:
     """A fresh folder beside `out` to build it in, while holding `out`'s writer lock.
@@ -94,8 +100,7 @@ def staged_dir(out: str | os.PathLike, force: bool, need_bytes: int = 0) -> Iter
     out.parent.mkdir(parents=True, exist_ok=True)
     with _writer_lock(out):
         remove_stale(out)
-        if out.exists() and not force:
-            raise OutputError(f"{out} already exists. Choose another --out, or pass --force to replace it.")
+        refuse_existing(out, force)
         check_free_space(out, need_bytes, "--out")
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-{os.getpid()}-"))
         try:

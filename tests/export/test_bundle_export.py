@@ -164,3 +164,34 @@ def test_greedy_graph_agrees_with_logits_graph(exported):
         for k in range(1, 8):
             s = lay.book_start(k)
             assert ids[k] == s + int(np.argmax(lg[s:s + lay.ids_per_book]))
+
+
+def test_dtype_fp16_quantizes_the_export_and_removes_the_fp32_bundle(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "b16"
+    assert main(["export", "--preset", "tiny-4b", "--out", str(out), "--dtype", "fp16"]) == 0
+    printed = capsys.readouterr().err  # export's console, the quantize report included
+    bundle = load_bundle(out)
+    assert set(bundle.origin["precision"].values()) == {"fp16"}
+    assert bundle.origin["quantization"]["recipe"] == "fp16" and bundle.origin["quantization"]["accuracy"]
+    assert "greedy tokens vs fp32" in printed
+    assert [p.name for p in tmp_path.iterdir()] == ["b16"]
+    # An existing --out is refused before anything is exported.
+    before = (out / MANIFEST).read_bytes()
+    assert main(["export", "--preset", "tiny-4b", "--out", str(out), "--dtype", "fp16"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / MANIFEST).read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["b16"]
+
+    # A failed quantization keeps the fp32 bundle and says how to finish from it.
+    from qinyu_edge.engines import quant_cli
+    from qinyu_edge.engines.quantize import QuantizationError
+
+    def fail(args, console):
+        raise QuantizationError("simulated: the quantizer gave up")
+
+    monkeypatch.setattr(quant_cli, "_quantize", fail)
+    again = tmp_path / "again"
+    assert main(["export", "--preset", "tiny-8b", "--out", str(again), "--dtype", "fp16"]) == 2
+    captured = capsys.readouterr()
+    assert "simulated" in captured.err
+    assert f"qinyu-edge quantize --bundle {again}.fp32 --out {again} --recipe fp16" in " ".join(captured.err.split())
+    assert load_bundle(tmp_path / "again.fp32").config.name == "tiny-8b" and not again.exists()
