@@ -30,7 +30,8 @@ from qinyu_edge.runtime.engine import Engine, EngineOptions
 from qinyu_edge.runtime.generate import PENALTY_WINDOW
 from qinyu_edge.runtime.session import Session, open_session
 
-from .calibration import CalibrationSet, CaptureOptions, Case, Turn, capture, render_cases, run_cases
+from .calibration import (CalibrationSet, CaptureOptions, Case, Turn, capture, check_runs_here, render_cases,
+                          run_cases)
 from .quantize import QuantizationError, component_precision
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,9 @@ def accuracy_report(reference: str | os.PathLike, quantized: str | os.PathLike,
     if differ:
         raise QuantizationError(f"{q_b.root} was not quantized from {ref_b.root} ({', '.join(differ)} differ); "
                                 "compare it with the fp32 bundle it came from")
+    # Both bundles run whole, one after the other: the fp32 one is the larger.
+    check_runs_here(ref_b.root, "the accuracy report", "The quantized bundle is complete without it; quantizing on a "
+                    "machine with that much memory gives the report too (`--no-accuracy` skips this check).")
     speech = render_cases(cases)
     if heldout is None:
         heldout = capture(ref_b.root, cases, CaptureOptions(max_new_tokens=steps), threads=threads, speech=speech)

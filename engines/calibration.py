@@ -295,7 +295,13 @@ def run_memory(weight_bytes: int) -> int:
     return int(weight_bytes * 1.1) + (1 << 30)
 
 
-def check_runs_here(bundle_dir: str | os.PathLike, what: str) -> None:
+# What a calibration run too large for this machine can do instead.
+CALIBRATION_WAY_OUT = ("Quantize the backbone alone without calibration (`--recipe int4-rtn --components backbone`, "
+                       "streamed one weight at a time), or capture the calibration set on a larger machine "
+                       "(`--save-calibration DIR`) and pass it with `--calibration DIR`.")
+
+
+def check_runs_here(bundle_dir: str | os.PathLike, what: str, way_out: str = CALIBRATION_WAY_OUT) -> None:
     """Refuse to run a bundle (for calibration or the accuracy report) where its graphs need more
     than the memory available: ONNX Runtime holds every weight, and the kernel would kill the
     process after minutes of swapping instead."""
@@ -310,9 +316,7 @@ def check_runs_here(bundle_dir: str | os.PathLike, what: str) -> None:
         raise BundleTooLargeError(
             f"{what} runs the bundle {bundle.root} in ONNX Runtime: {need / 1e9:.1f} GB of weights, "
             f"{run_memory(need) / 1e9:.1f} GB with its working memory, and this machine has {free / 1e9:.1f} GB "
-            "available. Quantize the backbone alone without calibration "
-            "(`--recipe int4-rtn --components backbone`, streamed one weight at a time), or capture the calibration "
-            "set on a larger machine (`--save-calibration DIR`) and pass it with `--calibration DIR`."
+            f"available. {way_out}"
         )
 
 

@@ -65,6 +65,7 @@ from qinyu_edge.bundle_paths import inside
 from qinyu_edge.device.targets import PRECISIONS
 from qinyu_edge.errors import QinyuError
 from qinyu_edge.fileio import replace_dir
+from qinyu_edge.side_file import EXTERNAL_DATA_BYTES, INLINE_MAX_BYTES
 from qinyu_edge.staging import refuse_existing, staged_dir
 
 from .decode_graphs import DECODE, DERIVED, HEADS, derive as derive_decode
@@ -93,8 +94,6 @@ EMBEDDING_METHODS = {"int4": "int4-rtn"}  # ModelOpt quantizes Gather tables in 
 # FP8 inputs that no kernel takes ("Type 'tensor(float8e4m3fn)' ... is invalid"); the graph itself
 # is valid and loads with this fusion off.
 FP8_ORT_DISABLED = ("QDQSelectorActionTransformer",)
-# Above this the weights go to a side file: protobuf cannot hold more than 2 GiB.
-EXTERNAL_DATA_BYTES = 1 << 30
 # Weight-only INT4 or fp16 of a graph with more fp32 weights than this is written one weight at a
 # time (engines/streamed_rewrite.py): ModelOpt holds the graph, its weights and their converted
 # copies, and AWQ and AutoCast also their calibration activations (the real-size backbones).
@@ -443,7 +442,8 @@ def restore_bf16_round_trips(model: onnx.ModelProto, trips: list[_RoundTrip]) ->
 # --- running ModelOpt ----------------------------------------------------------------------
 
 def _save(model: onnx.ModelProto, path: Path) -> list[Path]:
-    """Save with the bundle's naming: weights in `<file>.data` above 1 GiB. Returns the files written."""
+    """Save with the bundle's naming: weights in `<file>.data` above EXTERNAL_DATA_BYTES. Returns the files
+    written."""
     import onnx
 
     try:
@@ -452,7 +452,7 @@ def _save(model: onnx.ModelProto, path: Path) -> list[Path]:
         large = True
     if large:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+                        location=path.name + ".data", size_threshold=INLINE_MAX_BYTES)
         return [path, path.with_name(path.name + ".data")]
     onnx.save_model(model, str(path))
     return [path]

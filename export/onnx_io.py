@@ -19,11 +19,11 @@ import numpy as np
 import onnx
 import torch
 
+from qinyu_edge.side_file import EXTERNAL_DATA_BYTES
+
 log = logging.getLogger(__name__)
 
 OPSET = 17  # LayerNormalization is native from 17; TensorRT 10.3 parses it
-# Above this the weights go to a side file: protobuf cannot hold more than 2 GiB.
-EXTERNAL_DATA_BYTES = 1 << 30
 
 
 def export_onnx(

@@ -25,9 +25,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from qinyu_edge.side_file import SideFile
+from qinyu_edge.side_file import EXTERNAL_DATA_BYTES, SideFile
 
-from .onnx_io import EXTERNAL_DATA_BYTES, OPSET
+from .onnx_io import OPSET
 
 log = logging.getLogger(__name__)
 

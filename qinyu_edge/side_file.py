@@ -15,6 +15,11 @@ from onnx import TensorProto, helper
 
 ALIGN = 4096
 INLINE_MAX_BYTES = 1024
+# A graph with more weights than this keeps them in `<graph>.onnx.data`. Protobuf caps a file at
+# 2 GiB; well below that, the point is sharing: the fused decode graph and the host embedding table
+# refer to, or copy a block at a time from, a side file, but would copy a big graph's inline weights
+# into their own file (0.7 GB of the 4B's fp16 lm_head, once more on disk).
+EXTERNAL_DATA_BYTES = 256 << 20
 BLOCK_BYTES = 64 << 20
 _PACKED_4BIT = (TensorProto.INT4, TensorProto.UINT4)
 

@@ -337,6 +337,29 @@ def test_quantized_component_drops_its_ort_variant(tmp_path):
     assert Engine(kept.root).cache.in_place
 
 
+def test_fused_decode_graph_refers_to_the_side_files_instead_of_copying(tiny4b, calib, tmp_path, monkeypatch):
+    """A quantized graph above EXTERNAL_DATA_BYTES keeps its weights in its side file, so the fused
+    decode graph points there (at real size the 4B's fp16 lm_head, 0.7 GB, was copied into it)."""
+    from qinyu_edge.engines import quantize as quantize_module
+    from qinyu_edge.runtime.engine import Engine, EngineOptions
+
+    monkeypatch.setattr(quantize_module, "EXTERNAL_DATA_BYTES", 0)  # the tiny graphs stand for real-size ones
+    q = quantize_bundle(tiny4b.root, tmp_path / "q", "fp16", components=["backbone", "heads_greedy"],
+                        calibration=calib)
+    fused = onnx.load(str(q.path("decode")), load_external_data=False)
+    big = [t for t in fused.graph.initializer if t.ByteSize() > 4096 or t.data_location == TensorProto.EXTERNAL]
+    assert big and all(t.data_location == TensorProto.EXTERNAL for t in big)
+    assert {e.value for t in big for e in t.external_data if e.key == "location"} == {
+        "backbone.onnx.data", "heads_greedy.onnx.data"}
+    # The fused file is the two graphs' structure (names gain a prefix), no weight bytes.
+    graphs = q.files["backbone.onnx"].bytes + q.files["heads_greedy.onnx"].bytes
+    assert graphs < q.files["decode.onnx"].bytes < 1.1 * graphs < q.files["heads_greedy.onnx.data"].bytes
+    fused_engine, split = Engine(q.root), Engine(q.root, EngineOptions(fused=False))
+    ids = np.array(split.tokenizer.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n").ids)
+    runs = [e.generator.generate(e.prompt_embeds(ids, [], [], [], []), 16).tokens for e in (fused_engine, split)]
+    assert fused_engine.generator.fused is not None and runs[0] == runs[1]
+
+
 @pytest.mark.parametrize("lm_head, embedding", [("int4", "int4"), ("int8", "fp16")])
 def test_lm_head_and_embedding_precision_options(tiny4b, calib, tmp_path, capsys, lm_head, embedding):
     """`--lm-head` / `--embedding`: weight-only RTN on the matrices the other recipes keep fp16, counted
