@@ -108,7 +108,8 @@ def cpu_plan(cfg: ModelConfig, position: int, touched_rows: Collection[int],
     def add(group: str, name: str, nbytes: float, note: str) -> None:
         items.append(MemoryItem(group, name, int(nbytes), False, note))  # type: ignore[arg-type]
 
-    add("weights", DECODE_GRAPH_ITEMS[0], (bp.linear + bp.norms) * FP32, f"{(bp.linear + bp.norms) / 1e6:.2f}M params")
+    layers = bp.linear + bp.norms + bp.batched
+    add("weights", DECODE_GRAPH_ITEMS[0], layers * FP32, f"{layers / 1e6:.2f}M params")
     add("weights", DECODE_GRAPH_ITEMS[1], bp.vocab_matrix * FP32,
         f"{b.vocab_size} x {b.hidden_size}" + (" (tied: the embedding reads the mapped table)" if bp.tied else ""))
     rope = rope_table_floats(cfg)

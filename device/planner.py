@@ -136,10 +136,17 @@ def check_recipe(recipe: Recipe, target: Target) -> Recipe:
 
 @dataclass(frozen=True)
 class BackboneParams:
-    linear: int  # transformer-layer matmul weights: what quantization touches
+    linear: int  # transformer-layer 2-D matmul weights: what quantization touches
     norms: int  # RMSNorm weights of the layers and the final norm, kept in the activation dtype
     vocab_matrix: int  # vocab x hidden: the lm_head, and the embedding table (the same matrix when tied)
     tied: bool
+    # MLA's kv_b_proj, which the export absorbs into per-head [heads, d, R] matrices: every recipe
+    # keeps those 3-D weights in the activation dtype (engines/quantize.py, batched_weight_matmuls).
+    batched: int = 0
+
+    def layer_bytes(self, precision: str, block_scales: bool, activation: str) -> float:
+        """The layers' weights with their 2-D matmuls at `precision`."""
+        return self.linear * bytes_per_param(precision, block_scales) + (self.norms + self.batched) * ELEMENT_BYTES[activation]
 
 
 def backbone_params(cfg: ModelConfig) -> BackboneParams:
@@ -149,8 +156,9 @@ def backbone_params(cfg: ModelConfig) -> BackboneParams:
     layer_norms = 2 * h + (b.q_lora_rank + b.kv_lora_rank if b.is_mla else 2 * b.head_dim)
     norms = b.num_layers * layer_norms + h
     total = b.param_count()
-    linear = total - matrix * (1 if b.tie_word_embeddings else 2) - norms
-    return BackboneParams(linear, norms, matrix, b.tie_word_embeddings)
+    batched = b.num_layers * b.kv_lora_rank * b.num_attention_heads * (b.qk_nope_head_dim + b.v_head_dim) if b.is_mla else 0
+    linear = total - matrix * (1 if b.tie_word_embeddings else 2) - norms - batched
+    return BackboneParams(linear, norms, matrix, b.tie_word_embeddings, batched)
 
 
 def projector_params(p: ProjectorConfig) -> int:
@@ -171,7 +179,7 @@ def weight_bytes_per_step(cfg: ModelConfig, recipe: Recipe) -> int:
     a few KB)."""
     r = recipe.resolved()
     bp = backbone_params(cfg)
-    layers = bp.linear * bytes_per_param(r.backbone, r.block_scales) + bp.norms * ELEMENT_BYTES[r.activation_precision]
+    layers = bp.layer_bytes(r.backbone, r.block_scales, r.activation_precision)  # type: ignore[arg-type]
     head = bp.vocab_matrix * bytes_per_param(r.lm_head, r.block_scales)  # type: ignore[arg-type]
     return int(layers + head)
 
@@ -236,8 +244,10 @@ def memory_items(cfg: ModelConfig, target: Target, recipe: Recipe, context: int,
 
     # Weights.
     scale_note = f", group-{128 if r.backbone == 'int4' else 16} scales" if s and r.backbone in BLOCK_SCALE_BYTES else ""
-    add("weights", "backbone layers", bp.linear * bytes_per_param(r.backbone, s) + bp.norms * act,
-        f"{bp.linear / 1e9:.3f}B params at {r.backbone}{scale_note}; norms at {r.activation_precision}")
+    batched_note = (f"; MLA's {bp.batched / 1e9:.3f}B absorbed per-head params at {r.activation_precision}"
+                    if bp.batched and r.backbone != r.activation_precision else "")
+    add("weights", "backbone layers", bp.layer_bytes(r.backbone, s, r.activation_precision),  # type: ignore[arg-type]
+        f"{bp.linear / 1e9:.3f}B params at {r.backbone}{scale_note}; norms at {r.activation_precision}{batched_note}")
     add("weights", "lm_head", bp.vocab_matrix * bytes_per_param(r.lm_head, s),  # type: ignore[arg-type]
         f"{bp.vocab_matrix / 1e9:.3f}B params at {r.lm_head}" + (" (tied with the embedding)" if bp.tied else ""))
     if options.host_embedding:

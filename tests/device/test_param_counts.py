@@ -41,7 +41,10 @@ def test_counts_equal_the_modules(name):
     b = backbone_params(cfg)
     # The module holds the embedding table; the lm_head lives in the heads unless tied.
     assert cfg.backbone.param_count() == numel(backbone) + (0 if b.tied else b.vocab_matrix)
-    assert b.linear + b.norms + b.vocab_matrix == numel(backbone)
+    assert b.linear + b.norms + b.batched + b.vocab_matrix == numel(backbone)
+    # MLA's kv_b_proj: the weights every recipe keeps in the activation dtype (3-D once absorbed).
+    mla = [m.kv_b_proj.weight.numel() for m in backbone.modules() if hasattr(m, "kv_b_proj")]
+    assert b.batched == sum(mla) and bool(mla) == cfg.backbone.is_mla
     assert [projector_params(p) for p in (cfg.audio_projector, cfg.speaker_projector)] == [numel(p) for p in projectors]
 
 

@@ -12,7 +12,8 @@ import pytest
 from qinyu_edge.cli import main
 from qinyu_edge.config import BackboneConfig, preset
 from qinyu_edge.device.planner import (
-    MIN_USEFUL_CONTEXT, PlanOptions, Recipe, backbone_params, budget_bytes, decode_bytes_per_step, fits,
+    ELEMENT_BYTES, MIN_USEFUL_CONTEXT, PlanOptions, Recipe, backbone_params, budget_bytes, bytes_per_param,
+    decode_bytes_per_step, fits,
     kv_bytes_per_token, longest_context, make_plan, memory_items, plan_for, roofline_steps_per_s, total_bytes,
     weight_bytes_per_step,
 )
@@ -34,8 +35,11 @@ def gb(n: float) -> float:
     (Q4, "fp16", 9.04), (Q4, "int8", 4.52), (Q4, "int4", 2.26),
 ])
 def test_per_step_weight_bytes_reproduce_model_spec(cfg, precision, spec_gb):
-    # The spec's convention: all layers plus the full lm_head, one precision, no scales.
-    assert gb(weight_bytes_per_step(cfg, Recipe.uniform(precision))) == spec_gb
+    # The spec's convention: all layers plus the full lm_head, one precision, no scales. The 4B's
+    # absorbed MLA matrices (0.168B params) stay fp16 under every recipe, as quantize leaves them.
+    kept = backbone_params(cfg).batched * (ELEMENT_BYTES["fp16"] - bytes_per_param(precision))
+    assert (kept > 0) == (cfg is Q4 and precision != "fp16")
+    assert gb(weight_bytes_per_step(cfg, Recipe.uniform(precision)) - kept) == spec_gb
 
 
 @pytest.mark.parametrize("cfg, precision, spec_gb", [
@@ -45,12 +49,24 @@ def test_whole_backbone_weights_reproduce_model_spec(cfg, precision, spec_gb):
     items = memory_items(cfg, TARGETS["agx-thor"], Recipe.uniform(precision), 1,
                          PlanOptions(host_embedding=False, separate_embedding=False))
     backbone = sum(i.bytes for i in items if i.name in ("backbone layers", "lm_head", "embedding table"))
-    assert gb(backbone) == spec_gb
+    kept = backbone_params(cfg).batched * (ELEMENT_BYTES["fp16"] - bytes_per_param(precision))
+    assert gb(backbone - kept) == spec_gb
+
+
+def test_int4_4b_backbone_is_the_size_quantize_writes():
+    """`quantize --recipe int4-awq` on the real-size 4B (random weights in the real layout) wrote a
+    backbone.onnx.data of 2,403,175,820 bytes: 2-D weights INT4 with fp16 group scales, the absorbed
+    MLA matrices and norms fp16."""
+    layers = next(i for i in memory_items(Q4, TARGETS["orin-nano-8"], Recipe("int4"), 1) if i.name == "backbone layers")
+    assert layers.bytes == pytest.approx(2_403_175_820, rel=0.005)
+    assert "0.168B absorbed per-head params at fp16" in layers.note
 
 
 def test_int4_group_scales_add_one_fp16_per_128_weights():
-    plain = weight_bytes_per_step(Q4, Recipe.uniform("int4"))
-    scaled = weight_bytes_per_step(Q4, Recipe("int4", lm_head="int4"))
+    bp = backbone_params(Q4)
+    fp16 = (bp.norms + bp.batched) * ELEMENT_BYTES["fp16"]  # no scales on what stays fp16
+    plain = weight_bytes_per_step(Q4, Recipe.uniform("int4")) - fp16
+    scaled = weight_bytes_per_step(Q4, Recipe("int4", lm_head="int4")) - fp16
     assert scaled / plain == pytest.approx((0.5 + 2 / 128) / 0.5, rel=1e-3)
 
 

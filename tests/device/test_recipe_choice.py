@@ -4,6 +4,7 @@ time on every Jetson, what each choice costs, and the measured accuracy of a qua
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -44,10 +45,13 @@ def test_the_default_fits_and_is_the_most_accurate_that_does(target, variant):
         assert f"cannot reach {REALTIME_GOAL}x real time" in choice.summary()
 
 
-def test_orin_nano_8_runs_the_4b_with_4096_positions_in_real_time():
+def test_orin_nano_8_runs_the_4b_at_the_longest_context_that_fits_and_says_it_is_short_of_real_time():
+    """Counting the absorbed MLA matrices at fp16, as quantize writes them (0.25 GB more than at
+    int4), the 4B's int4 plan on an Orin Nano 8 GB no longer reaches 4096 positions or 1.2x real time."""
     choice = choose(model_for_variant("4b"), TARGETS["orin-nano-8"], 4096)
-    assert choice.plan.fits and choice.plan.context == 4096 and not choice.context_shortened and choice.realtime
-    assert choice.plan.longest_context >= 4096
+    assert choice.plan.fits and choice.context_shortened and not choice.realtime
+    assert MIN_USEFUL_CONTEXT <= choice.plan.context == choice.plan.longest_context < 4096
+    assert "cannot reach 1.2x real time" in choice.summary()
     # it had to give up precision to get there, and says what each step costs
     assert {s.part for s in choice.steps} >= {"backbone"}
     assert all("unmeasured" in s.accuracy and "steps/s" in s.speed for s in choice.steps)
@@ -93,7 +97,8 @@ def test_measured_accuracy_annotates_the_precisions_it_measured(tmp_path):
 def test_cli_default_plan_and_its_errors(tmp_path, capsys):
     assert main(["plan", "--target", "orin-nano-8", "--variant", "4b"]) == 0
     out = capsys.readouterr().out
-    assert "default for qinyu-4b on orin-nano-8" in out and "context 4096" in out and "what each choice" in out
+    assert "default for qinyu-4b on orin-nano-8" in out and "what each choice" in out
+    assert re.search(r"context \d+ \(the longest that fits", " ".join(out.split()))
     assert main(["plan", "--target", "orin-nx-16", "--variant", "8b", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["fits"] and doc["choice"]["realtime"] is False and "cannot reach" in doc["choice"]["summary"]
@@ -114,7 +119,7 @@ def test_cli_plans_a_bundle_with_its_embedding_graph_loaded(capsys):
     """--embedding-graph counts the whole table (older bundles, an int4 table): the 4B no longer fits
     an Orin Nano at the recipe that fits with the mapped table."""
     argv = ["plan", "--target", "orin-nano-8", "--variant", "4b", "--precision", "int4", "--lm-head", "int4",
-            "--context", "4096", "--json"]
+            "--context", "2048", "--json"]
     assert main(argv) == 0
     mapped = json.loads(capsys.readouterr().out)
     assert main([*argv, "--embedding-graph"]) == 2
