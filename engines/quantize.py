@@ -70,6 +70,7 @@ from qinyu_edge.staging import refuse_existing, staged_dir
 
 from .decode_graphs import DECODE, DERIVED, HEADS, derive as derive_decode
 from .modelopt_log import quiet_modelopt
+from .plan import component_precision
 
 if TYPE_CHECKING:
     import onnx
@@ -794,11 +795,6 @@ def needs_calibration(bundle: Bundle, plan: Mapping[str, ComponentRecipe]) -> bo
     return any(cr.method != "fp32" and not streams(bundle.path(name), cr) for name, cr in plan.items())
 
 
-def component_precision(bundle: Bundle, component: str) -> str:
-    """A component's precision as recorded by `quantize_bundle`; an exported bundle is fp32."""
-    return bundle.origin.get("precision", {}).get(component, "fp32")
-
-
 # (component, components done, components, what within the component: "" or "weight k/K")
 ProgressFn = Callable[[str, int, int, str], None]
 
@@ -828,7 +824,9 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
     if calibration is not None:
         _check_coverage(calibration, {n: cr for n, cr in plan.items() if n not in streamed})
     wants_capture = calibration is None and (needs_calibration(src, plan) or save_calibration is not None)
-    if wants_capture and not streamed:
+    # Capture falls back to the bundle with the streamed components quantized; at fp16 that runs as
+    # large as the fp32 bundle (ONNX Runtime widens fp16 weights on the CPU), so only INT4 ones help.
+    if wants_capture and all(PRECISION[plan[n].method] == "fp16" for n in streamed):
         from .calibration import check_runs_here
 
         check_runs_here(src.root, "capturing calibration inputs")  # before hours of work, not after
@@ -851,7 +849,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         for i, name in enumerate(order):
             cr = todo[name]
             if wants_capture and calibration is None and name not in streamed:
-                calibration, captured_on = _capture(src, tmp, specs, set(results), threads, progress, (i, len(todo)))
+                calibration, captured_on = _capture(src, tmp, specs, {n: r.precision for n, r in results.items()}, threads, progress, (i, len(todo)))
                 _check_coverage(calibration, {n: todo[n] for n in order[i:]})
             if progress is not None:
                 progress(name, i, len(todo), "")
@@ -866,7 +864,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
             results[name] = res
             specs[name] = dataclasses.replace(spec, ort_disabled_optimizers=res.ort_disabled_optimizers)
         if wants_capture and calibration is None:  # wanted only to be saved
-            calibration, captured_on = _capture(src, tmp, specs, set(results), threads, progress,
+            calibration, captured_on = _capture(src, tmp, specs, {n: r.precision for n, r in results.items()}, threads, progress,
                                                 (len(todo), len(todo)))
         if save_calibration is not None and calibration is not None:
             calibration.save(save_calibration)
@@ -902,11 +900,11 @@ def _check_coverage(calibration: CalibrationSet, todo: Mapping[str, ComponentRec
             "reach it (`--save-calibration`, then `--calibration`)")
 
 
-def _capture(src: Bundle, staged: Path, specs: Mapping[str, ComponentSpec], done: set[str],
+def _capture(src: Bundle, staged: Path, specs: Mapping[str, ComponentSpec], done: Mapping[str, str],
              threads: int | None, progress: ProgressFn | None, step: tuple[int, int]
              ) -> tuple[CalibrationSet, str | None]:
     """Calibration inputs from the fp32 bundle; where it does not fit in memory, from a view of the
-    bundle with the components in `done` (the streamed ones) already quantized, given a manifest of
+    bundle with the components in `done` (the streamed ones, by precision) already quantized, given a manifest of
     its own for the run. Returns the set and, in the second case, what it was captured on."""
     from .calibration import BundleTooLargeError, capture
 
@@ -934,8 +932,10 @@ def _capture(src: Bundle, staged: Path, specs: Mapping[str, ComponentSpec], done
                 os.link(where[f] / f, view / f)
             except OSError:  # another file system
                 shutil.copy2(where[f] / f, view / f)
+        # The precisions let the memory check count what ONNX Runtime makes of them.
         write_manifest(dataclasses.replace(src, root=view, components=parts, files=file_entries(view, files),
-                                           ort_variants={}, host_embedding=None))
+                                           ort_variants={}, host_embedding=None,
+                                           origin={**src.origin, "precision": dict(done)}))
         return capture(view, threads=threads), on
     finally:
         shutil.rmtree(view, ignore_errors=True)

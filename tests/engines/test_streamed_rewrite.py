@@ -193,6 +193,20 @@ def test_calibration_runs_on_the_int4_backbone_when_the_fp32_bundle_does_not_fit
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
+def test_an_fp16_backbone_does_not_make_room_for_calibration(tmp_path, monkeypatch, capsys):
+    """ONNX Runtime holds fp16 weights widened to fp32 on the CPU, so a streamed fp16 backbone runs as
+    large as the fp32 one: refused before any work, where the INT4 one above goes ahead."""
+    src = load_bundle(preset_bundle("tiny-4b"))
+    monkeypatch.setattr(quantize, "STREAM_QUANT_BYTES", quantize.weight_bytes(src.path("backbone")) - 1)
+    fp32 = sum(src.files[f].bytes for name, spec in src.components.items() if name not in DERIVED
+               for f in (spec.file, spec.file + ".data") if f in src.files)
+    monkeypatch.setattr("qinyu_edge.device.telemetry.available_memory_bytes", lambda: run_memory(fp32) - 1)
+    rc = main(["quantize", "--bundle", str(src.root), "--out", str(tmp_path / "q"), "--recipe", "fp16"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "capturing calibration inputs" in err and "GB available" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_component_no_calibration_case_reached_is_autocast_on_a_synthetic_input(tmp_path):
     src = preset_bundle("tiny-4b")
     q = quantize.quantize_bundle(src, tmp_path / "q", "fp16", components=["xy_decoder"], calibration=CalibrationSet({}))
