@@ -132,6 +132,7 @@ def test_real_width_4b_with_two_layers_loads_through_the_real_loader(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(5400)  # the suite's 600 s per test would stop it halfway
 def test_real_size_4b_exports_within_12_gib_and_quantizes_within_20(tmp_path):
     """The whole 4B, 40 layers of random weights in the real layout, through the user's commands:
     export about 6 minutes and 37 GB of disk here (checkpoint and bundle), peak RSS about 8 GB; the
