@@ -789,12 +789,6 @@ def plan_components(bundle: Bundle, recipe: Recipe, components: Sequence[str] | 
             for name in bundle.components if name not in DERIVED}
 
 
-def needs_calibration(bundle: Bundle, plan: Mapping[str, ComponentRecipe]) -> bool:
-    """Whether a component of `plan` is quantized from calibration data (all but fp32 and the
-    streamed ones)."""
-    return any(cr.method != "fp32" and not streams(bundle.path(name), cr) for name, cr in plan.items())
-
-
 # (component, components done, components, what within the component: "" or "weight k/K")
 ProgressFn = Callable[[str, int, int, str], None]
 
@@ -823,7 +817,9 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
     streamed = [name for name, cr in plan.items() if streams(src.path(name), cr)]
     if calibration is not None:
         _check_coverage(calibration, {n: cr for n, cr in plan.items() if n not in streamed})
-    wants_capture = calibration is None and (needs_calibration(src, plan) or save_calibration is not None)
+    # Every component but the fp32 and the streamed ones is quantized from calibration data.
+    calibrated = any(cr.method != "fp32" and name not in streamed for name, cr in plan.items())
+    wants_capture = calibration is None and (calibrated or save_calibration is not None)
     # Capture falls back to the bundle with the streamed components quantized; at fp16 that runs as
     # large as the fp32 bundle (ONNX Runtime widens fp16 weights on the CPU), so only INT4 ones help.
     if wants_capture and all(PRECISION[plan[n].method] == "fp16" for n in streamed):
@@ -849,7 +845,8 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         for i, name in enumerate(order):
             cr = todo[name]
             if wants_capture and calibration is None and name not in streamed:
-                calibration, captured_on = _capture(src, tmp, specs, {n: r.precision for n, r in results.items()}, threads, progress, (i, len(todo)))
+                done = {n: r.precision for n, r in results.items()}
+                calibration, captured_on = _capture(src, tmp, specs, done, threads, progress, (i, len(todo)))
                 _check_coverage(calibration, {n: todo[n] for n in order[i:]})
             if progress is not None:
                 progress(name, i, len(todo), "")
@@ -864,8 +861,8 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
             results[name] = res
             specs[name] = dataclasses.replace(spec, ort_disabled_optimizers=res.ort_disabled_optimizers)
         if wants_capture and calibration is None:  # wanted only to be saved
-            calibration, captured_on = _capture(src, tmp, specs, {n: r.precision for n, r in results.items()}, threads, progress,
-                                                (len(todo), len(todo)))
+            done = {n: r.precision for n, r in results.items()}
+            calibration, captured_on = _capture(src, tmp, specs, done, threads, progress, (len(todo), len(todo)))
         if save_calibration is not None and calibration is not None:
             calibration.save(save_calibration)
         if progress is not None:
