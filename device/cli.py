@@ -34,6 +34,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--lm-head", default=None, help="lm_head precision (default: fp16 for a quantized backbone)")
     p.add_argument("--embedding", default=None, help="embedding table precision (default: as --lm-head)")
     p.add_argument("--kv-cache", default=None, help="KV cache precision: fp16 (default), fp8, int8 or fp32")
+    p.add_argument("--encoder", default=None,
+                   help="SenseVoice encoder precision: fp16 (default) or int8 (weight-only on its Linear layers, "
+                        "as `quantize --encoder int8` writes it)")
     p.add_argument("--embedding-graph", action="store_true",
                    help="count the embedding graph's whole table, as for a bundle without a memory-mapped table "
                         "(exported before bundle format 5, or quantized with --embedding int4)")
@@ -113,7 +116,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                           separate_embedding=not args.shared_embedding, voice_design=args.voice_design)
     choice = None
     if args.precision == "auto":
-        fixed = [f for f in ("lm_head", "embedding", "kv_cache") if getattr(args, f) is not None]
+        fixed = [f for f in ("lm_head", "embedding", "kv_cache", "encoder") if getattr(args, f) is not None]
         if fixed:
             raise ConfigError(f"--{fixed[0].replace('_', '-')} needs --precision too; --precision auto picks "
                               "every precision itself")
@@ -124,7 +127,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.accuracy_from is not None:
             raise ConfigError("--accuracy-from goes with --precision auto (it annotates the choices auto makes)")
         plan = plan_for(args.target, args.variant, args.precision, args.context, options,
-                        lm_head=args.lm_head, embedding=args.embedding, kv_cache=args.kv_cache)
+                        lm_head=args.lm_head, embedding=args.embedding, kv_cache=args.kv_cache,
+                        encoder=args.encoder or "fp16")
     if args.json:
         doc = plan.to_dict()
         if choice is not None:
@@ -158,7 +162,7 @@ def _print_plan(plan: Any) -> None:
 
     t, r = plan.target, plan.recipe
     title = (f"qinyu-{plan.variant} on {t.name} ({t.id}): {r.backbone} layers, lm_head {r.lm_head}, "
-             f"embedding {r.embedding}, KV {r.kv_cache}, context {plan.context}")
+             f"embedding {r.embedding}, KV {r.kv_cache}, encoder {r.encoder}, context {plan.context}")
     table = Table(title=title)
     for col in ("group", "item", "GB", "where", "note"):
         table.add_column(col, justify="right" if col == "GB" else "left")

@@ -259,9 +259,14 @@ def memory_items(cfg: ModelConfig, target: Target, recipe: Recipe, context: int,
         add("weights", "embedding table", bp.vocab_matrix * bytes_per_param(r.embedding, s),  # type: ignore[arg-type]
             f"at {r.embedding}" + ("; a second copy of the tied matrix in the embedding graph" if bp.tied else ""))
     # Parameter counts come from the sub-configs (221.1M, 258.2M and 6.85M at real size, model-spec section 7).
-    encoder = cfg.sensevoice.param_count()
-    add("weights", "SenseVoice encoder", encoder * bytes_per_param(r.encoder, s),
-        f"{encoder / 1e6:.1f}M params at {r.encoder}")
+    encoder, matrices = cfg.sensevoice.param_count(), cfg.sensevoice.matrix_param_count()
+    if r.encoder in QUANTIZED:  # weight-only: the Linear weights narrow, the rest stays fp16
+        add("weights", "SenseVoice encoder", matrices * bytes_per_param(r.encoder, s)
+            + (encoder - matrices) * ELEMENT_BYTES["fp16"],
+            f"{encoder / 1e6:.1f}M params: {matrices / 1e6:.1f}M Linear weights at {r.encoder}, the rest at fp16")
+    else:
+        add("weights", "SenseVoice encoder", encoder * bytes_per_param(r.encoder, s),
+            f"{encoder / 1e6:.1f}M params at {r.encoder}")
     proj = projector_params(cfg.audio_projector) + projector_params(cfg.speaker_projector)
     add("weights", "audio + speaker projectors", proj * bytes_per_param(r.projectors, s),
         f"{proj / 1e6:.1f}M params at {r.projectors}")
@@ -482,17 +487,18 @@ def make_plan(cfg: ModelConfig, target: Target, recipe: Recipe, context: int,
 
 
 def plan_for(target_id: str, variant: str, precision: str, context: int, options: PlanOptions = PlanOptions(), *,
-             lm_head: str | None = None, embedding: str | None = None, kv_cache: str | None = None) -> Plan:
+             lm_head: str | None = None, embedding: str | None = None, kv_cache: str | None = None,
+             encoder: str = "fp16") -> Plan:
     """The CLI's entry point: names in, a Plan out, ConfigError for anything unknown or unsupported."""
-    recipe = Recipe(precision, lm_head=lm_head, embedding=embedding, kv_cache=kv_cache)
+    recipe = Recipe(precision, lm_head=lm_head, embedding=embedding, kv_cache=kv_cache, encoder=encoder)
     return make_plan(model_for_variant(variant), get_target(target_id), recipe, context, options)
 
 
 def _alternatives(cfg: ModelConfig, target: Target, recipe: Recipe, context: int, options: PlanOptions,
                   longest: int) -> tuple[str, ...]:
     """What would fit, least invasive first: a shorter context, a lower backbone precision, one copy
-    of a tied matrix, quantized lm_head and embedding, the smaller variant; then, if no single change
-    is enough, the first combination that is; then bigger targets."""
+    of a tied matrix, an int8 encoder, quantized lm_head and embedding, the smaller variant; then, if
+    no single change is enough, the first combination that is; then bigger targets."""
     r = recipe.resolved()
 
     def note(n: int) -> str:
@@ -519,6 +525,10 @@ def _alternatives(cfg: ModelConfig, target: Target, recipe: Recipe, context: int
     if can_share:
         singles.append(("--shared-embedding (one copy of the tied matrix: embedding rows gathered from the "
                         "lm_head weights)", cfg, recipe, shared))
+    narrow_encoder = r.encoder == "fp16" and target.supports("int8")
+    if narrow_encoder:
+        singles.append(("--encoder int8 (weight-only on its Linear layers; check accuracy)", cfg,
+                        dataclasses.replace(recipe, encoder="int8"), options))
     if r.backbone in QUANTIZED and quantized_heads(r) != r:
         singles.append((heads_flags.format(p=r.backbone) + " (not the default; check accuracy)",
                         cfg, quantized_heads(recipe), options))
@@ -542,6 +552,9 @@ def _alternatives(cfg: ModelConfig, target: Target, recipe: Recipe, context: int
             if p in QUANTIZED:
                 rec = quantized_heads(rec)
                 parts.append(heads_flags.format(p=p))
+            if narrow_encoder:
+                rec = dataclasses.replace(rec, encoder="int8")
+                parts.append("--encoder int8")
             opts = shared if c.backbone.tie_word_embeddings and can_share else options
             if opts is shared:
                 parts.append("--shared-embedding")

@@ -4,7 +4,9 @@ context with margin and decode fast enough for speech, and what each step away f
 Candidates are ordered by how much they give up, least first: every weight in fp16, then a lower
 backbone precision (the bulk of the bytes), then an 8-bit and a 4-bit lm_head and embedding (the
 lm_head is a quarter of the bytes a quantized step reads, but it also decides every token), then
-an 8-bit KV cache. Only precisions `qinyu-edge quantize` writes are proposed. The first candidate that fits the context and reaches the real-time goal at the
+an 8-bit KV cache, then an int8 encoder (weight-only on its Linear layers: half its memory, no
+decode speed, so it is only ever chosen to fit). Only precisions `qinyu-edge quantize` writes are
+proposed. The first candidate that fits the context and reaches the real-time goal at the
 efficiency TensorRT Edge-LLM measures wins. Where none reaches it, the fastest one that fits is
 proposed and the answer says plainly that real time is out of reach.
 
@@ -44,6 +46,8 @@ BACKBONE_LADDER = ("fp16", "fp8", "int8", "int4", "fp4")
 # counts nor bandwidth (and a quantized table would load the embedding graph instead).
 HEAD_LADDER = ("fp16", "int8", "int4")
 KV_LADDER = ("fp16", "fp8")
+# `qinyu-edge quantize --encoder int8`. The encoder runs once per turn, not per step.
+ENCODER_LADDER = ("fp16", "int8")
 LOSS_RANK = {"fp16": 0, "fp8": 1, "int8": 1, "int4": 2, "fp4": 2}
 
 
@@ -96,7 +100,7 @@ class Choice:
     def summary(self) -> str:
         p, r = self.plan, self.plan.recipe
         head = (f"default for qinyu-{p.variant} on {p.target.id}: backbone {r.backbone}, lm_head {r.lm_head}, "
-                f"embedding {r.embedding}, KV cache {r.kv_cache}, context {p.context}")
+                f"embedding {r.embedding}, KV cache {r.kv_cache}, encoder {r.encoder}, context {p.context}")
         if self.context_shortened:
             head += f" (the longest that fits; {MIN_USEFUL_CONTEXT}+ positions are usable)"
         rt = self.expected_realtime
@@ -118,14 +122,16 @@ def _candidates(target: Target) -> list[Recipe]:
     backbones = [p for p in BACKBONE_LADDER if target.supports(p)]
     heads = [p for p in HEAD_LADDER if target.supports(p)]
     kvs = [p for p in KV_LADDER if target.supports(p)]
+    encoders = [p for p in ENCODER_LADDER if target.supports(p)]
     out = []
-    for b, h, kv in itertools.product(backbones, heads, kvs):
+    for b, h, kv, enc in itertools.product(backbones, heads, kvs, encoders):
         if LOSS_RANK[h] > LOSS_RANK[b]:
             continue  # the heads are never quantized further than the layers
-        out.append(Recipe(b, lm_head=h, embedding="fp16", kv_cache=kv))
-    # Least given up first; ties go to the more accurate backbone, then heads.
-    return sorted(out, key=lambda r: (LOSS_RANK[r.backbone] + LOSS_RANK[r.lm_head] + LOSS_RANK[r.kv_cache],
-                                      LOSS_RANK[r.backbone], LOSS_RANK[r.lm_head]))
+        out.append(Recipe(b, lm_head=h, embedding="fp16", kv_cache=kv, encoder=enc))
+    # Least given up first; ties go to the more accurate backbone, then heads, then encoder.
+    return sorted(out, key=lambda r: (LOSS_RANK[r.backbone] + LOSS_RANK[r.lm_head] + LOSS_RANK[r.kv_cache]
+                                      + LOSS_RANK[r.encoder], LOSS_RANK[r.backbone], LOSS_RANK[r.lm_head],
+                                      LOSS_RANK[r.encoder]))
 
 
 def _realtime(plan: Plan) -> bool:
@@ -161,7 +167,8 @@ def _steps(cfg: ModelConfig, plan: Plan, options: PlanOptions, measured: Measure
     steps = []
     for part, value, change in (("backbone", r.backbone, {"backbone": r.backbone}),
                                 ("lm_head", r.lm_head, {"lm_head": r.lm_head}),
-                                ("KV cache", r.kv_cache, {"kv_cache": r.kv_cache})):
+                                ("KV cache", r.kv_cache, {"kv_cache": r.kv_cache}),
+                                ("encoder", r.encoder, {"encoder": r.encoder})):
         if value == "fp16":
             continue
         current = dataclasses.replace(current, **change)
@@ -173,18 +180,22 @@ def _steps(cfg: ModelConfig, plan: Plan, options: PlanOptions, measured: Measure
 
 def _accuracy(part: str, value: str, measured: Measured | None) -> str:
     if measured is not None:
-        key = {"backbone": "backbone", "lm_head": "heads_greedy"}.get(part)
+        key = {"backbone": "backbone", "lm_head": "heads_greedy", "encoder": "encoder"}.get(part)
         if key is not None and measured.precisions.get(key) == value:
             return (f"measured on {measured.bundle}: {measured.greedy_prefix:.1%} of fp32's greedy tokens "
                     "identical before the first divergence")
     what = {"backbone": "every layer's weights", "lm_head": "every token choice",
-            "KV cache": "attention over the whole past"}[part]
+            "KV cache": "attention over the whole past", "encoder": "everything the model hears"}[part]
     return (f"{value} touches {what}; unmeasured for this bundle: `qinyu-edge quantize --recipe ...` reports "
             "greedy-token agreement with fp32, then `plan --accuracy-from QUANTIZED_BUNDLE`")
 
 
 def _speed(part: str, value: str, before: Plan, after: Plan) -> str:
     ratio = bytes_per_param(value) / ELEMENT_BYTES["fp16"]
+    if part == "encoder":
+        saved = (before.total_bytes - after.total_bytes) / 1e9
+        return (f"{ratio:.2f}x the fp16 bytes of its Linear weights, {saved:.2f} GB less memory; no decode cost "
+                "(it runs once per turn, not per step)")
     what = f"{ratio:.2f}x the fp16 bytes of the {part}"
     if before.steps_per_s is None or after.steps_per_s is None:
         return what

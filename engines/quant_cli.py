@@ -30,6 +30,9 @@ def add_parsers(sub: Any) -> None:
                         "(default fp16, as every recipe keeps it)")
     q.add_argument("--embedding", choices=["fp16", "int4"], default=None,
                    help="the embedding table: int4 group-128 weight-only (default fp16)")
+    q.add_argument("--encoder", choices=["fp16", "int8"], default=None,
+                   help="the SenseVoice encoder: int8 per-channel weight-only on its Linear layers, half its "
+                        "memory (default: the recipe's, fp16 except in int8 and fp8)")
     q.add_argument("--components", nargs="+", metavar="NAME",
                    help="apply the recipe to these components only (the rest stay fp32)")
     q.add_argument("--target", help="refuse precisions this target's TensorRT lacks (ids: `qinyu-edge targets`); "
@@ -114,7 +117,7 @@ def _quantize(args: argparse.Namespace, console: Any) -> int:
     from .calibration import BundleTooLargeError, CalibrationSet
     from .quantize import check_target, get_recipe, plan_components, quantize_bundle
 
-    recipe = get_recipe(args.recipe, lm_head=args.lm_head, embedding=args.embedding)
+    recipe = get_recipe(args.recipe, lm_head=args.lm_head, embedding=args.embedding, encoder=args.encoder)
     target = None
     if args.target:
         from qinyu_edge.device.targets import get_target

@@ -13,6 +13,8 @@ A recipe says, per component, how NVIDIA ModelOpt's ONNX tools rewrite its graph
   nearest, no calibration: the lm_head (`--lm-head`) and the embedding table (`--embedding int4`,
   a blocked DequantizeLinear in front of the Gather). They are a quarter of the bytes a quantized
   decode step reads, and a second copy of the 4B's tied matrix; the accuracy report scores them.
+  `--encoder int8` halves the encoder's Linear weights the same way, for a board where the
+  context does not fit otherwise (the planner proposes it for the 4B on an Orin Nano 8 GB).
 
 Real-size graphs: weight-only INT4 or fp16 of a graph with more than `STREAM_QUANT_BYTES` of fp32
 weights (the 4B and 8B backbones) is written one weight at a time (engines/streamed_rewrite.py, the
@@ -87,10 +89,14 @@ PRECISION = {"fp32": "fp32", "fp16": "fp16", "int8": "int8", "fp8": "fp8", "int4
 QUANTIZED_METHODS = ("int8", "fp8", "int4-awq", "int4-rtn", "int8-wo")
 # Weight-only methods: ModelOpt's INT4 path (INT8 through its 8-bit layer list), activations fp16.
 WEIGHT_ONLY_METHODS = ("int4-awq", "int4-rtn", "int8-wo")
-# `quantize --lm-head P` / `--embedding P`: the method for the components holding each matrix.
+# `quantize --lm-head P` / `--embedding P` / `--encoder P`: the method for the components holding
+# each matrix.
 HEAD_COMPONENTS = ("heads_greedy", "heads_logits")
 HEAD_METHODS = {"int8": "int8-wo", "int4": "int4-rtn"}
 EMBEDDING_METHODS = {"int4": "int4-rtn"}  # ModelOpt quantizes Gather tables in INT4 only
+# Weight-only, so it needs no calibration and keeps activations fp16: it is there to halve the
+# encoder's memory on a board where a context does not fit, not for speed (it runs once per turn).
+ENCODER_METHODS = {"int8": "int8-wo"}
 # ONNX Runtime's CPU QDQ fusion turns ModelOpt's FP8 Q/DQ around Transpose/Slice into nodes with
 # FP8 inputs that no kernel takes ("Type 'tensor(float8e4m3fn)' ... is invalid"); the graph itself
 # is valid and loads with this fusion off.
@@ -161,26 +167,32 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def get_recipe(name: str, lm_head: str | None = None, embedding: str | None = None) -> Recipe:
-    """A recipe by name, with the lm_head and the embedding table at other precisions if asked."""
+def get_recipe(name: str, lm_head: str | None = None, embedding: str | None = None,
+               encoder: str | None = None) -> Recipe:
+    """A recipe by name, with the lm_head, the embedding table and the encoder at other precisions
+    if asked (fp16 sets a part back to fp16 where the recipe quantizes it)."""
     try:
         recipe = RECIPES[name]
     except KeyError:
         raise QuantizationError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}") from None
     extra: dict[str, ComponentRecipe] = {}
+    labels: list[str] = []
     for flag, value, methods, components in (("--lm-head", lm_head, HEAD_METHODS, HEAD_COMPONENTS),
-                                             ("--embedding", embedding, EMBEDDING_METHODS, ("embedding",))):
-        if value is None or value == "fp16":
+                                             ("--embedding", embedding, EMBEDDING_METHODS, ("embedding",)),
+                                             ("--encoder", encoder, ENCODER_METHODS, ("encoder",))):
+        if value is None:
             continue
-        if value not in methods:
+        if value != "fp16" and value not in methods:
             raise QuantizationError(f"{flag} {value}: choose fp16 or {' or '.join(methods)}")
-        extra.update({c: ComponentRecipe(methods[value]) for c in components})
+        method = methods.get(value, "fp16")
+        changed = {c: ComponentRecipe(method) for c in components if recipe.for_component(c).method != method}
+        if changed:
+            extra.update(changed)
+            labels.append(f"{flag[2:].replace('-', '_')} {value}" + (" weight-only" if value != "fp16" else ""))
     if not extra:
         return recipe
-    parts = [f"lm_head {lm_head}" if lm_head not in (None, "fp16") else "",
-             f"embedding {embedding}" if embedding not in (None, "fp16") else ""]
-    label = ", ".join(p for p in parts if p)
-    return Recipe(f"{recipe.name} ({label})", f"{recipe.description}; {label} weight-only",
+    label = ", ".join(labels)
+    return Recipe(f"{recipe.name} ({label.replace(' weight-only', '')})", f"{recipe.description}; {label}",
                   {**recipe.components, **extra}, recipe.default)
 
 
@@ -968,7 +980,7 @@ def _component_record(cr: ComponentRecipe, r: ComponentResult | None) -> dict[st
 
 
 __all__ = [
-    "METHODS", "WEIGHT_ONLY_METHODS", "HEAD_METHODS", "EMBEDDING_METHODS",
+    "METHODS", "WEIGHT_ONLY_METHODS", "HEAD_METHODS", "EMBEDDING_METHODS", "ENCODER_METHODS",
     "PRECISION",
     "RECIPES",
     "ComponentRecipe",

@@ -59,6 +59,16 @@ class SenseVoiceConfig:
         return (self.embed_rows * self.input_size + layer(self.input_size)
                 + (self.num_blocks - 1 + self.tp_blocks) * layer(d) + 2 * 2 * d)  # after_norm, tp_norm
 
+    def matrix_param_count(self) -> int:
+        """The weights of its Linear layers (qkv, out, feed-forward): what a weight-only quantization
+        of the encoder's MatMuls narrows. The rest (query rows, FSMN kernels, biases, norms) stays."""
+        d, u = self.output_size, self.linear_units
+
+        def layer(width_in: int) -> int:
+            return width_in * 3 * d + d * d + 2 * d * u
+
+        return layer(self.input_size) + (self.num_blocks - 1 + self.tp_blocks) * layer(d)
+
 
 @dataclass(frozen=True)
 class ProjectorConfig:

@@ -34,6 +34,9 @@ def test_counts_equal_the_modules(name):
         backbone = build_backbone(cfg.backbone)
         projectors = Projector(cfg.audio_projector), Projector(cfg.speaker_projector)
     assert cfg.sensevoice.param_count() == numel(encoder)
+    # What `quantize --encoder int8` narrows: the Linear layers' weight matrices.
+    linear = [m.weight.numel() for m in encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert cfg.sensevoice.matrix_param_count() == sum(linear)
     assert cfg.xy.param_count() == numel(xy)
     # Codebooks, position tables, window and ISTFT basis: the buffers the graph carries as constants.
     assert cfg.xy.table_count() == sum(b.numel() for b in xy.buffers())

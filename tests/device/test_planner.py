@@ -12,7 +12,7 @@ import pytest
 from qinyu_edge.cli import main
 from qinyu_edge.config import BackboneConfig, preset
 from qinyu_edge.device.planner import (
-    ELEMENT_BYTES, MIN_USEFUL_CONTEXT, PlanOptions, Recipe, backbone_params, budget_bytes, bytes_per_param,
+    ELEMENT_BYTES, MIN_USEFUL_CONTEXT, PlanOptions, Recipe, backbone_params, budget_bytes, bytes_per_param, check_recipe,
     decode_bytes_per_step, fits,
     kv_bytes_per_token, longest_context, make_plan, memory_items, plan_for, roofline_steps_per_s, total_bytes,
     weight_bytes_per_step,
@@ -248,6 +248,9 @@ def test_alternatives_are_true():
             assert fits(Q4, t, Recipe("int8"), n)
         elif alt.startswith("--lm-head int8"):
             assert fits(Q8, t, Recipe("int8", lm_head="int8"), n)
+        elif alt.startswith("--encoder int8"):
+            assert fits(Q8, t, Recipe("int8", encoder="int8"), n)
+            assert not fits(Q8, t, Recipe("int8", encoder="int8"), n + 1)
         else:
             pytest.fail(f"unchecked suggestion {alt!r}")
 
@@ -256,9 +259,9 @@ def test_when_no_single_change_fits_a_combination_or_bigger_target_is_named():
     p = plan_for("orin-nano-8", "8b", "int8", 4096)
     assert not p.fits and len(p.alternatives) == 1
     alt = p.alternatives[0]
-    assert "--variant 4b" in alt and "--precision int4" in alt
+    assert "--variant 4b" in alt and "--precision int4" in alt and "--encoder int8" in alt
     n = int(re.search(r"fits up to (\d+)", alt).group(1))
-    assert fits(Q4, TARGETS["orin-nano-8"], Recipe("int4", lm_head="int4"), n)
+    assert fits(Q4, TARGETS["orin-nano-8"], Recipe("int4", lm_head="int4", encoder="int8"), n)
     # With half the memory set aside as margin nothing of the model fits an 8 GB board: name bigger ones.
     opts = PlanOptions(margin=0.5)
     none = plan_for("orin-nano-8", "8b", "int8", 4096, opts)
@@ -334,3 +337,21 @@ def test_cli_plan_bad_input_exits_2_with_a_clear_message(capsys, argv, needles):
     assert err.startswith("error: ")
     for n in needles:
         assert n in err
+
+
+def test_an_int8_encoder_narrows_only_its_linear_weights():
+    """`quantize --encoder int8` is weight-only on the encoder's Linear layers: those bytes halve, the
+    query rows, FSMN kernels, biases and norms stay fp16; nothing else in the plan moves."""
+    t = TARGETS["orin-nano-8"]
+    sv = Q4.sensevoice
+    items = {r.encoder: {i.name: i for i in memory_items(Q4, t, r, 4096)}
+             for r in (Recipe("int4", lm_head="int4"), Recipe("int4", lm_head="int4", encoder="int8"))}
+    wide, narrow = items["fp16"], items["int8"]
+    assert wide["SenseVoice encoder"].bytes == int(sv.param_count() * 2)
+    assert narrow["SenseVoice encoder"].bytes == int(sv.matrix_param_count() + (sv.param_count() - sv.matrix_param_count()) * 2)
+    assert "Linear weights at int8" in narrow["SenseVoice encoder"].note
+    assert {k: v.bytes for k, v in wide.items() if k != "SenseVoice encoder"} == \
+        {k: v.bytes for k, v in narrow.items() if k != "SenseVoice encoder"}
+    # a target without int8 refuses it, naming the part
+    with pytest.raises(ConfigError, match="asked for the encoder"):
+        check_recipe(Recipe("fp16", encoder="fp8"), t)

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from qinyu_edge.cli import main
-from qinyu_edge.device.planner import MIN_USEFUL_CONTEXT, PlanOptions, fits, make_plan, model_for_variant
+from qinyu_edge.device.planner import MIN_USEFUL_CONTEXT, PlanOptions, Recipe, fits, make_plan, model_for_variant
 from qinyu_edge.device.recipe_choice import (
     REALTIME_GOAL, ROOFLINE_EFFICIENCY, Measured, _candidates, _realtime, choose,
 )
@@ -45,16 +45,29 @@ def test_the_default_fits_and_is_the_most_accurate_that_does(target, variant):
         assert f"cannot reach {REALTIME_GOAL}x real time" in choice.summary()
 
 
-def test_orin_nano_8_runs_the_4b_at_the_longest_context_that_fits_and_says_it_is_short_of_real_time():
-    """Counting the absorbed MLA matrices at fp16, as quantize writes them (0.25 GB more than at
-    int4), the 4B's int4 plan on an Orin Nano 8 GB no longer reaches 4096 positions or 1.2x real time."""
-    choice = choose(model_for_variant("4b"), TARGETS["orin-nano-8"], 4096)
-    assert choice.plan.fits and choice.context_shortened and not choice.realtime
-    assert MIN_USEFUL_CONTEXT <= choice.plan.context == choice.plan.longest_context < 4096
-    assert "cannot reach 1.2x real time" in choice.summary()
+def test_orin_nano_8_fits_the_4b_at_4096_with_an_int8_encoder_and_says_it_is_short_of_real_time():
+    """Counting the absorbed MLA matrices at fp16, as quantize writes them, the 4B's int4 layers and
+    lm_head leave an Orin Nano 8 GB short of 4096 positions; halving the encoder's Linear weights
+    (0.22 GB, no decode cost) gets there. 1.2x real time stays out of reach, and the answer says so."""
+    cfg, t = model_for_variant("4b"), TARGETS["orin-nano-8"]
+    assert not fits(cfg, t, Recipe("int4", lm_head="int4", embedding="fp16", kv_cache="fp16"), 4096)
+    choice = choose(cfg, t, 4096)
+    r = choice.plan.recipe
+    assert choice.plan.fits and not choice.context_shortened and choice.plan.context == 4096
+    assert (r.backbone, r.lm_head, r.encoder) == ("int4", "int4", "int8")
+    assert not choice.realtime and "cannot reach 1.2x real time" in choice.summary()
+    assert "encoder int8" in choice.summary()
     # it had to give up precision to get there, and says what each step costs
-    assert {s.part for s in choice.steps} >= {"backbone"}
-    assert all("unmeasured" in s.accuracy and "steps/s" in s.speed for s in choice.steps)
+    steps = {s.part: s for s in choice.steps}
+    assert set(steps) == {"backbone", "lm_head", "encoder"}
+    assert all("unmeasured" in s.accuracy for s in choice.steps)
+    assert all("steps/s" in steps[p].speed for p in ("backbone", "lm_head"))
+    assert "0.22 GB less memory" in steps["encoder"].speed and "no decode cost" in steps["encoder"].speed
+
+
+def test_the_encoder_stays_fp16_where_it_fits():
+    for tid in ("orin-nx-16", "agx-orin-64", "rtx-4090"):
+        assert choose(model_for_variant("4b"), TARGETS[tid], 4096).plan.recipe.encoder == "fp16", tid
 
 
 def test_a_big_board_keeps_more_precision_than_a_small_one():
@@ -98,7 +111,9 @@ def test_cli_default_plan_and_its_errors(tmp_path, capsys):
     assert main(["plan", "--target", "orin-nano-8", "--variant", "4b"]) == 0
     out = capsys.readouterr().out
     assert "default for qinyu-4b on orin-nano-8" in out and "what each choice" in out
-    assert re.search(r"context \d+ \(the longest that fits", " ".join(out.split()))
+    assert "encoder int8, context 4096;" in " ".join(out.split())
+    assert main(["plan", "--target", "orin-nano-8", "--variant", "4b", "--context", "8192"]) == 0
+    assert re.search(r"context \d+ \(the longest that fits", " ".join(capsys.readouterr().out.split()))
     assert main(["plan", "--target", "orin-nx-16", "--variant", "8b", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["fits"] and doc["choice"]["realtime"] is False and "cannot reach" in doc["choice"]["summary"]

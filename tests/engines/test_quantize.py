@@ -394,6 +394,38 @@ def test_lm_head_and_embedding_precision_options(tiny4b, calib, tmp_path, capsys
     assert len(reply.tokens) == 8
 
 
+def test_encoder_int8_is_weight_only_on_its_linear_layers(tiny4b, calib, tmp_path, capsys):
+    """`--encoder int8` (the planner's way to fit the 4B on an Orin Nano): every Linear weight of the
+    encoder behind a per-channel INT8 DequantizeLinear, the rest fp16, scored against fp32, and a
+    spoken question still answered."""
+    from importlib import resources
+
+    from qinyu_edge.runtime.audio_io import load_16k_mono
+    from qinyu_edge.runtime.conversation import Conversation
+    from qinyu_edge.runtime.engine import Engine
+
+    cal = tmp_path / "calib"
+    calib.save(cal)
+    out = tmp_path / "q"
+    rc = main(["quantize", "--bundle", str(tiny4b.root), "--out", str(out), "--recipe", "fp16", "--encoder", "int8",
+               "--components", "encoder", "--calibration", str(cal), "--steps", "8"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    b = load_bundle(out)
+    assert b.origin["precision"]["encoder"] == "int8" and "encoder int8" in b.origin["quantization"]["recipe"]
+    stats = inspect_quantization(onnx.load(str(b.path("encoder"))))
+    sv = tiny4b.config.sensevoice
+    linear = 4 * (sv.num_blocks + sv.tp_blocks)  # qkv, out and two feed-forward matrices per layer
+    assert stats.weight_ops == {"int8": linear} and stats.q_nodes == 0  # weights only, no activation Q
+    assert stats.weight_bytes["INT8"] == sv.matrix_param_count()
+    enc = next(o for o in b.origin["quantization"]["accuracy"]["outputs"] if o["component"] == "encoder")
+    assert enc["mean"] > 0.999, enc
+    assert "encoder_out" in printed
+    wav = load_16k_mono(resources.files("qinyu_edge") / "data" / "demo_question.wav")
+    reply = Conversation(Engine(b.root), max_new_tokens=8).ask(wav)
+    assert len(reply.tokens) == 8
+
+
 def test_lm_head_and_embedding_options_refuse_what_has_no_method():
     with pytest.raises(QuantizationError, match="--embedding int8: choose fp16 or int4"):
         get_recipe("int4-awq", embedding="int8")
@@ -403,3 +435,9 @@ def test_lm_head_and_embedding_options_refuse_what_has_no_method():
     r = get_recipe("int4-awq", lm_head="int4")
     assert r.for_component("heads_greedy").method == "int4-rtn" and r.for_component("backbone").method == "int4-awq"
     assert r.for_component("embedding").method == "fp16"
+    with pytest.raises(QuantizationError, match="--encoder int4: choose fp16 or int8"):
+        get_recipe("int4-awq", encoder="int4")
+    # int8 and fp8 calibrate Q/DQ into the encoder; --encoder sets it apart either way
+    assert get_recipe("int8", encoder="fp16").for_component("encoder").method == "fp16"
+    assert get_recipe("int8", encoder="int8").for_component("encoder").method == "int8-wo"
+    assert get_recipe("int4-awq", encoder="fp16") is get_recipe("int4-awq")
