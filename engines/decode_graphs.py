@@ -13,7 +13,8 @@ per step. This module derives, from the bundle's own files, what makes it one:
 - the embedding table as a `.npy` the runtime memory-maps: a text row, or the mean of the eight
   codebook rows, gathered on the host. Only the rows a conversation touches become resident,
   which on a Jetson (memory shared with the GPU) is what the memory budget sees; the embedding
-  graph is not loaded at all, so the 4B's tied matrix is held once, by the heads.
+  graph is not loaded at all, so the 4B's tied matrix is held once, by the heads. The .npy is the
+  embedding graph's own side file, so the bundle stores the table once too.
 
 Both are derived again whenever the graphs they come from change (quantization), and skipped
 where the source does not have the expected form (a quantized table): the runtime then uses
@@ -23,17 +24,21 @@ the separate graphs, which stay in the bundle for that and for calibration.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 
 from qinyu_edge.bundle import DECODE, ComponentSpec
+from qinyu_edge.side_file import ALIGN
 
 log = logging.getLogger(__name__)
 
 DECODE_FILE = "decode.onnx"
 DECODE_ORT_FILE = "decode_ort.onnx"
+# Bundles from before the host table became the embedding graph's side file kept a copy here.
 HOST_EMBEDDING_FILE = "embedding_table.npy"
 HEADS = "heads_greedy"
 # Components whose graphs this module writes: quantization derives them again instead of
@@ -102,11 +107,16 @@ def decode_spec(backbone: ComponentSpec, heads: ComponentSpec, file: str) -> Com
     )
 
 
-def write_host_embedding(embedding_path: Path, out: Path) -> bool:
-    """Save the embedding graph's table as a memory-mappable .npy, if the graph is the plain form
-    (Gather on a float table, an optional Cast, the mean over the ids of a step). False when it is
-    not (a quantized table): nothing is written. A table in the graph's side file is copied a
-    block at a time, never loaded: on a real-size model it is GBs."""
+def write_host_embedding(embedding_path: Path) -> str | None:
+    """Make the embedding graph's side file (`<graph>.data`) a memory-mappable .npy holding its table,
+    if the graph is the plain form (Gather on a float table and the mean over the ids of a step,
+    with a Cast before or after), and point the graph at the table there. Returns the side file's
+    name, or None when the graph is not plain (a quantized table): nothing is changed.
+
+    One file serves both, so the bundle holds the table once: a .npy header padded to a page, then
+    the table at a page-aligned offset, so ONNX Runtime and the host both map it. A table in the
+    graph, or elsewhere in a side file, is moved there a block at a time, never loaded: on a
+    real-size model it is GBs."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -114,30 +124,69 @@ def write_host_embedding(embedding_path: Path, out: Path) -> bool:
     nodes = [n for n in model.graph.node if n.op_type != "Constant"]
     inits = {i.name: i for i in model.graph.initializer}
     ops = [n.op_type for n in nodes]
-    if ops not in (["Gather", "ReduceMean"], ["Gather", "Cast", "ReduceMean"]) or nodes[0].input[0] not in inits:
+    # A Cast before the mean widens a narrower table; after it, AutoCast's fp16 graph widens its
+    # fp16 mean for the fp32 output (the host averages in fp32 either way).
+    plain = (["Gather", "ReduceMean"], ["Gather", "Cast", "ReduceMean"], ["Gather", "ReduceMean", "Cast"])
+    if ops not in plain or nodes[0].input[0] not in inits:
         log.info("%s is not a plain table lookup (%s): no host table", embedding_path.name, ", ".join(ops))
-        return False
+        return None
     table = inits[nodes[0].input[0]]
     dtype, shape = np.dtype(helper.tensor_dtype_to_np_dtype(table.data_type)), tuple(table.dims)
     if dtype not in (np.float32, np.float16) or len(shape) != 2:
-        return False
-    with open(out, "wb") as f:
-        np.lib.format.write_array_header_1_0(
-            f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
-        if table.data_location != TensorProto.EXTERNAL:
-            f.write(np.ascontiguousarray(numpy_helper.to_array(table)).tobytes())
-            return True
-        info = {e.key: e.value for e in table.external_data}
-        left = int(np.prod(shape)) * dtype.itemsize
-        with open(embedding_path.parent / info["location"], "rb") as src:
-            src.seek(int(info.get("offset", 0)))
-            while left:
-                block = src.read(min(left, 64 << 20))
-                if not block:
-                    raise ValueError(f"{info['location']} ends inside the embedding table")
-                f.write(block)
-                left -= len(block)
-    return True
+        return None
+    side = embedding_path.with_name(embedding_path.name + ".data")
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    header = _npy_header(dtype, shape)
+    info = {e.key: e.value for e in table.external_data} if table.data_location == TensorProto.EXTERNAL else {}
+    if info.get("location") == side.name and int(info.get("offset", 0)) == len(header) and side.is_file():
+        with open(side, "rb") as f:
+            if f.read(len(header)) == header:
+                return side.name  # already the host table (a graph copied from a bundle that has one)
+    others = [t for t in model.graph.initializer if t is not table and t.data_location == TensorProto.EXTERNAL]
+    if others:  # the plain form's only large tensor is the table; anything else stays where it was
+        log.info("%s keeps other tensors in its side file: no host table", embedding_path.name)
+        return None
+    tmp = side.with_name(f".{side.name}.tmp")
+    graph_tmp = embedding_path.with_name(f".{embedding_path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            if not info:
+                f.write(np.ascontiguousarray(numpy_helper.to_array(table)).tobytes())
+            else:
+                left = nbytes
+                with open(embedding_path.parent / info["location"], "rb") as src:
+                    src.seek(int(info.get("offset", 0)))
+                    while left:
+                        block = src.read(min(left, 64 << 20))
+                        if not block:
+                            raise ValueError(f"{info['location']} ends inside the embedding table")
+                        f.write(block)
+                        left -= len(block)
+        table.ClearField("raw_data")
+        table.data_location = TensorProto.EXTERNAL
+        del table.external_data[:]
+        for k, v in (("location", side.name), ("offset", str(len(header))), ("length", str(nbytes))):
+            table.external_data.add(key=k, value=v)
+        onnx.save(model, str(graph_tmp))
+        os.replace(tmp, side)
+        os.replace(graph_tmp, embedding_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        graph_tmp.unlink(missing_ok=True)
+    return side.name
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """A version 1.0 .npy header padded with spaces to one page (the format allows any padding)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+    text = buf.getvalue()
+    pad = ALIGN - len(text)
+    # magic (6) + version (2) + little-endian header length (2), then the dict, padded, then "\n"
+    body = text[10:-1] + b" " * pad + b"\n"
+    return text[:8] + len(body).to_bytes(2, "little") + body
 
 
 def derive(folder: Path, components: dict[str, ComponentSpec], variants: dict[str, ComponentSpec]
@@ -172,10 +221,7 @@ def derive(folder: Path, components: dict[str, ComponentSpec], variants: dict[st
 
 
 def _host_table(folder: Path, components: dict[str, ComponentSpec]) -> str | None:
-    if "embedding" in components and write_host_embedding(folder / components["embedding"].file,
-                                                          folder / HOST_EMBEDDING_FILE):
-        return HOST_EMBEDDING_FILE
-    return None
+    return write_host_embedding(folder / components["embedding"].file) if "embedding" in components else None
 
 
 def check_decode(folder: Path, components: dict[str, ComponentSpec], seed: int = 0) -> list[dict[str, object]]:

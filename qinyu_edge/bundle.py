@@ -19,12 +19,13 @@ from .errors import BundleError
 from .fileio import atomic_write_text, sha256_file
 from .tokens import TokenLayout
 
-# 5: a `decode` component (backbone + heads_greedy fused; engines/decode_graphs.py) and an optional
-# `host_embedding` table (4 reads the same otherwise). 4: optional `ort_variants` (3 reads the same
-# otherwise). 3: the backbone takes `past_length` and masks
-# cache rows past it (2: per-layer caches with a leading null row, holding exactly the past; 1: joint
-# [P, L, ...] caches).
-FORMAT_VERSION = 5
+# 6: the host table is the embedding graph's side file, a .npy whose data the graph points into
+# (5 kept a second copy in `embedding_table.npy`; both read the same). 5: a `decode` component
+# (backbone + heads_greedy fused; engines/decode_graphs.py) and an optional `host_embedding` table
+# (4 reads the same otherwise). 4: optional `ort_variants` (3 reads the same otherwise). 3: the
+# backbone takes `past_length` and masks cache rows past it (2: per-layer caches with a leading
+# null row, holding exactly the past; 1: joint [P, L, ...] caches).
+FORMAT_VERSION = 6
 OLDEST_READABLE = 3
 MANIFEST = "bundle.json"
 DECODE = "decode"  # the component that fuses backbone and heads_greedy (engines/decode_graphs.py)

@@ -41,6 +41,7 @@ from qinyu_edge.engines.quantize import (
     quantize_component,
 )
 from qinyu_edge.export.bundle_export import preset_bundle
+from qinyu_edge.side_file import ALIGN
 from qinyu_edge.runtime.session import open_session
 
 OPTIONS = CaptureOptions(max_new_tokens=16, windows_per_turn=4)
@@ -390,6 +391,15 @@ def test_lm_head_and_embedding_precision_options(tiny4b, calib, tmp_path, capsys
         assert size < fp32 * {"int4": 0.2, "int8": 0.3, "fp16": 0.55}[want], (name, size, fp32)
     acc = {o["component"] for o in b.origin["quantization"]["accuracy"]["outputs"]}
     assert {"heads_greedy", "heads_logits", "embedding"} <= acc and "heads_greedy" in printed
+    # An fp16 table is mapped by the host straight from the embedding graph's side file (stored
+    # once); an int4 one is not a plain lookup, so the runtime runs the graph.
+    assert not (out / "embedding_table.npy").exists()
+    if embedding == "fp16":
+        assert b.host_embedding == "embedding.onnx.data"
+        table = np.load(out / b.host_embedding, mmap_mode="r")
+        assert table.dtype == np.float16 and table.offset == ALIGN
+    else:
+        assert b.host_embedding is None
     reply = Conversation(Engine(b.root), max_new_tokens=8).ask(None, "Hello?")
     assert len(reply.tokens) == 8
 

@@ -156,19 +156,48 @@ def test_bench_export_memory_times_every_stage_and_cleans_up(tmp_path):
     assert report["bundle bytes"]["backbone.onnx"] > 0 and not work.exists()
 
 
-def test_host_table_is_copied_from_the_side_file(tmp_path, monkeypatch):
-    """The runtime's memory-mapped table, taken block by block from the embedding graph's side file."""
+@pytest.mark.parametrize("external", [True, False])
+def test_host_table_is_the_embedding_graphs_side_file(tmp_path, monkeypatch, external):
+    """The runtime's memory-mapped table and the embedding graph's table are one file: the table is
+    moved, block by block, from the graph (inline, tiny) or its side file (real size) into a .npy
+    whose data starts on a page, and the graph points there. Done twice, it changes nothing."""
+    import onnxruntime as ort
+
+    from qinyu_edge.engines.decode_graphs import write_host_embedding
+
+    emb = load_preset("tiny-4b").embedding
+    if external:
+        monkeypatch.setattr(weight_stream, "EXTERNAL_DATA_BYTES", 0)
+    ids = torch.zeros(1, 3, 8, dtype=torch.int64)
+    path = export_streamed(emb, (ids,), tmp_path / "embedding.onnx", ["ids"], ["inputs_embeds"],
+                           {"ids": {1: "seq", 2: "k"}})
+    side = tmp_path / "embedding.onnx.data"
+    assert side.is_file() == external
+    assert write_host_embedding(path) == side.name
+    table = np.load(side, mmap_mode="r")
+    assert table.dtype == np.float32 and np.array_equal(table, emb.weight.numpy())
+    assert table.offset == ALIGN and side.stat().st_size == ALIGN + table.nbytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embedding.onnx", "embedding.onnx.data"]
+    feeds = {"ids": np.array([[[1, 2, 3, 4, 5, 6, 7, 8]]], np.int64)}
+    want = emb(torch.from_numpy(feeds["ids"])).detach().numpy()
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    before = side.stat().st_mtime_ns, path.read_bytes()
+    assert write_host_embedding(path) == side.name
+    assert (side.stat().st_mtime_ns, path.read_bytes()) == before
+
+
+def test_a_cut_side_file_is_refused_and_the_graph_left_alone(tmp_path, monkeypatch):
     from qinyu_edge.engines.decode_graphs import write_host_embedding
 
     emb = load_preset("tiny-4b").embedding
     monkeypatch.setattr(weight_stream, "EXTERNAL_DATA_BYTES", 0)
-    ids = torch.zeros(1, 3, 8, dtype=torch.int64)
-    path = export_streamed(emb, (ids,), tmp_path / "embedding.onnx", ["ids"], ["inputs_embeds"],
-                           {"ids": {1: "seq", 2: "k"}})
-    assert (tmp_path / "embedding.onnx.data").is_file()
-    assert write_host_embedding(path, tmp_path / "table.npy")
-    table = np.load(tmp_path / "table.npy", mmap_mode="r")
-    assert table.dtype == np.float32 and np.array_equal(table, emb.weight.numpy())
-    (tmp_path / "embedding.onnx.data").write_bytes((tmp_path / "embedding.onnx.data").read_bytes()[:1000])
+    path = export_streamed(emb, (torch.zeros(1, 3, 8, dtype=torch.int64),), tmp_path / "embedding.onnx", ["ids"],
+                           ["inputs_embeds"], {"ids": {1: "seq", 2: "k"}})
+    side = tmp_path / "embedding.onnx.data"
+    side.write_bytes(side.read_bytes()[:1000])
+    graph = path.read_bytes()
     with pytest.raises(ValueError, match="ends inside the embedding table"):
-        write_host_embedding(path, tmp_path / "cut.npy")
+        write_host_embedding(path)
+    assert path.read_bytes() == graph and side.stat().st_size == 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embedding.onnx", "embedding.onnx.data"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,7 +27,9 @@ def test_a_greedy_step_is_one_session_call(preset_bundle):
     _, path = preset_bundle
     eng = Engine(path)
     b = eng.bundle
-    assert "decode" in b.components and b.host_embedding == "embedding_table.npy"
+    # the host table is the embedding graph's own side file: the bundle stores the table once
+    assert "decode" in b.components and b.host_embedding == b.components["embedding"].file + ".data"
+    assert not (path / "embedding_table.npy").exists()
     # neither the separate backbone and greedy heads nor the embedding graph is loaded
     assert not {"backbone", "heads_greedy", "embedding", "heads_logits"} & set(eng.sessions)
     assert isinstance(eng.generator.embedding, HostEmbedding)
@@ -66,7 +69,7 @@ def test_a_bundle_from_before_the_fused_graph_runs_the_separate_graphs(preset_bu
     d = json.loads((copy / MANIFEST).read_text())
     for section in ("components", "ort_variants"):
         d[section].pop("decode", None)
-    d["files"] = {k: v for k, v in d["files"].items() if not k.startswith(("decode", "embedding_table"))}
+    d["files"] = {k: v for k, v in d["files"].items() if not k.startswith("decode")}
     d.pop("host_embedding")
     d["format_version"] = 4
     (copy / MANIFEST).write_text(json.dumps(d))
@@ -76,14 +79,33 @@ def test_a_bundle_from_before_the_fused_graph_runs_the_separate_graphs(preset_bu
     assert old.generator.generate(_embeds(old), 24).tokens == new.generator.generate(_embeds(new), 24).tokens
 
 
+def test_a_bundle_with_a_separate_table_copy_still_runs(preset_bundle, tmp_path):
+    """Format 5 kept the host table as a copy, `embedding_table.npy`: such a bundle reads the same."""
+    from qinyu_edge.fileio import sha256_file
+
+    _, path = preset_bundle
+    copy = _copy(path, tmp_path)
+    d = json.loads((copy / MANIFEST).read_text())
+    table = np.load(copy / d["host_embedding"], mmap_mode="r")
+    np.save(copy / "embedding_table.npy", np.asarray(table))
+    d["host_embedding"], d["format_version"] = "embedding_table.npy", 5
+    d["files"]["embedding_table.npy"] = {"sha256": sha256_file(copy / "embedding_table.npy"),
+                                         "bytes": (copy / "embedding_table.npy").stat().st_size}
+    (copy / MANIFEST).write_text(json.dumps(d))
+    old, new = Engine(copy), Engine(path)
+    assert old.host_embedding is not None and Path(old.host_embedding.table.filename).name == "embedding_table.npy"
+    assert old.generator.generate(_embeds(old), 24).tokens == new.generator.generate(_embeds(new), 24).tokens
+
+
 def test_a_tampered_host_table_is_refused(preset_bundle, tmp_path):
     _, path = preset_bundle
     copy = _copy(path, tmp_path)
-    table = copy / "embedding_table.npy"
+    name = load_bundle(path).host_embedding
+    table = copy / name
     data = bytearray(table.read_bytes())
     data[-3] ^= 0x40
     table.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="embedding_table.npy: sha256 differs"):
+    with pytest.raises(BundleError, match=f"{name}: sha256 differs"):
         Engine(copy)
     with pytest.raises(BundleError, match="not a readable .npy"):
         HostEmbedding(copy / "tokenizer.json", 10, 4)
