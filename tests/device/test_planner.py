@@ -322,6 +322,15 @@ def test_cli_plan_recipe_flags(capsys):
                  "--lm-head", "int4", "--embedding", "int4", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["fits"] is True and doc["recipe"]["lm_head"] == "int4"
+    # the 4B on an Orin Nano at 4096 positions: short with an fp16 encoder, fits with an int8 one
+    argv = ["plan", "--target", "orin-nano-8", "--variant", "4b", "--precision", "int4", "--lm-head", "int4", "--json"]
+    assert main(argv) == 2
+    short = json.loads(capsys.readouterr().out)
+    assert "--encoder int8" in " ".join(short["alternatives"])
+    assert main([*argv, "--encoder", "int8"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["fits"] and doc["context"] == 4096 and doc["recipe"]["encoder"] == "int8"
+    assert 0.2e9 < short["total_bytes"] - doc["total_bytes"] < 0.25e9
 
 
 @pytest.mark.parametrize("argv, needles", [
