@@ -833,11 +833,19 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
     calibrated = any(cr.method != "fp32" and name not in streamed for name, cr in plan.items())
     wants_capture = calibration is None and (calibrated or save_calibration is not None)
     # Capture falls back to the bundle with the streamed components quantized; at fp16 that runs as
-    # large as the fp32 bundle (ONNX Runtime widens fp16 weights on the CPU), so only INT4 ones help.
+    # large as the fp32 bundle (ONNX Runtime widens fp16 weights on the CPU). There the capture runs
+    # on INT4 stand-ins of the streamed MatMul graphs instead, made for it and then deleted: AutoCast
+    # needs the activations' ranges, which INT4 rounding barely moves.
+    stand_ins: list[str] = []
     if wants_capture and all(PRECISION[plan[n].method] == "fp16" for n in streamed):
-        from .calibration import check_runs_here
+        from .calibration import BundleTooLargeError, check_runs_here
 
-        check_runs_here(src.root, "capturing calibration inputs")  # before hours of work, not after
+        try:
+            check_runs_here(src.root, "capturing calibration inputs")  # before hours of work, not after
+        except BundleTooLargeError:
+            stand_ins = [n for n in streamed if RECIPES["int4-rtn"].for_component(n).method == "int4-rtn"]
+            if not stand_ins:
+                raise
     # At most the fp32 bundle's size: every quantized component is smaller than its fp32 file.
     with staged_dir(out, force, need_bytes=sum(e.bytes for e in src.files.values())) as tmp:
         results: dict[str, ComponentResult] = {}
@@ -854,6 +862,8 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         specs = dict(src.components)
         order = sorted(todo, key=lambda n: n not in streamed)
         captured_on = None
+        if stand_ins:
+            calibration, captured_on = _capture_on_stand_ins(src, tmp, stand_ins, threads, progress, len(todo))
         for i, name in enumerate(order):
             cr = todo[name]
             if wants_capture and calibration is None and name not in streamed:
@@ -909,12 +919,36 @@ def _check_coverage(calibration: CalibrationSet, todo: Mapping[str, ComponentRec
             "reach it (`--save-calibration`, then `--calibration`)")
 
 
+def _capture_on_stand_ins(src: Bundle, tmp: Path, names: Sequence[str], threads: int | None,
+                          progress: ProgressFn | None, n_todo: int) -> tuple[CalibrationSet, str | None]:
+    """Calibration inputs captured on the bundle with INT4 (round to nearest, streamed) stand-ins
+    of `names`, written under `tmp` for the capture alone and deleted after it."""
+    folder = tmp / ".stand-ins"
+    folder.mkdir()
+    try:
+        specs = dict(src.components)
+        for name in names:
+            def weights(k: int, total: int, name: str = name) -> None:
+                if progress is not None:
+                    progress("calibration", 0, n_todo, f"INT4 stand-in of {name} for the capture, weight {k}/{total}")
+
+            spec = src.components[name]
+            res = quantize_component(src.path(name), folder / spec.file, spec, ComponentRecipe("int4-rtn"), None,
+                                     progress=weights)
+            specs[name] = dataclasses.replace(spec, ort_disabled_optimizers=res.ort_disabled_optimizers)
+        return _capture(src, folder, specs, {n: "int4" for n in names}, threads, progress, (0, n_todo),
+                        stand_in=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _capture(src: Bundle, staged: Path, specs: Mapping[str, ComponentSpec], done: Mapping[str, str],
-             threads: int | None, progress: ProgressFn | None, step: tuple[int, int]
+             threads: int | None, progress: ProgressFn | None, step: tuple[int, int], stand_in: bool = False
              ) -> tuple[CalibrationSet, str | None]:
     """Calibration inputs from the fp32 bundle; where it does not fit in memory, from a view of the
-    bundle with the components in `done` (the streamed ones, by precision) already quantized, given a manifest of
-    its own for the run. Returns the set and, in the second case, what it was captured on."""
+    bundle with the components in `done` (the streamed ones, by precision; or their INT4 stand-ins)
+    already quantized, given a manifest of its own for the run. Returns the set and, in the second
+    case, what it was captured on."""
     from .calibration import BundleTooLargeError, capture
 
     if progress is not None:
@@ -927,8 +961,9 @@ def _capture(src: Bundle, staged: Path, specs: Mapping[str, ComponentSpec], done
         # The fp32 backbone is what does not fit: the rest is calibrated on the bundle with the
         # streamed backbone, whose activations differ from fp32 by its rounding.
         log.info("%s; calibrating on the bundle with %s already quantized", e, ", ".join(sorted(done)))
-    on = (f"this bundle with {', '.join(sorted(done))} already quantized: the fp32 bundle exceeds the memory "
-          "available")
+    names = ", ".join(sorted(done))
+    on = (f"this bundle with INT4 stand-ins of {names}, made for the capture alone" if stand_in
+          else f"this bundle with {names} already quantized") + ": the fp32 bundle exceeds the memory available"
     parts = {n: s for n, s in specs.items() if n not in DERIVED}
     where = {f: staged if n in done else src.root for n, s in parts.items() for f in (s.file, s.file + ".data")}
     where.update({n: src.root for n in src.files if not n.endswith((".onnx", ".data"))})

@@ -193,18 +193,34 @@ def test_calibration_runs_on_the_int4_backbone_when_the_fp32_bundle_does_not_fit
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
-def test_an_fp16_backbone_does_not_make_room_for_calibration(tmp_path, monkeypatch, capsys):
+def test_fp16_calibrates_on_an_int4_stand_in_when_the_fp32_bundle_does_not_fit(tmp_path, monkeypatch, capsys):
     """ONNX Runtime holds fp16 weights widened to fp32 on the CPU, so a streamed fp16 backbone runs as
-    large as the fp32 one: refused before any work, where the INT4 one above goes ahead."""
+    large as the fp32 one and makes no room for the capture. An INT4 stand-in of the backbone, made
+    for the capture and deleted after it, does: the rest is AutoCast on real speech."""
     src = load_bundle(preset_bundle("tiny-4b"))
     monkeypatch.setattr(quantize, "STREAM_QUANT_BYTES", quantize.weight_bytes(src.path("backbone")) - 1)
     fp32 = sum(src.files[f].bytes for name, spec in src.components.items() if name not in DERIVED
                for f in (spec.file, spec.file + ".data") if f in src.files)
     monkeypatch.setattr("qinyu_edge.device.telemetry.available_memory_bytes", lambda: run_memory(fp32) - 1)
-    rc = main(["quantize", "--bundle", str(src.root), "--out", str(tmp_path / "q"), "--recipe", "fp16"])
+    out = tmp_path / "q"
+    rc = main(["quantize", "--bundle", str(src.root), "--out", str(out), "--recipe", "fp16"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "accuracy report skipped" in printed
+    q = load_bundle(out)
+    record = q.origin["quantization"]
+    assert "INT4 stand-ins of backbone" in record["calibration"]["captured_on"]
+    assert set(q.origin["precision"].values()) == {"fp16"}
+    assert record["components"]["backbone"]["applied"].startswith("fp16, streamed")
+    # calibrated on real speech through the stand-in, not on the synthetic input
+    assert all("applied" not in record["components"][n] for n in ("audio_projector", "speaker_projector", "campplus"))
+    assert record["calibration"]["samples"]["encoder"] > 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]
+    # Where even the stand-in leaves too little, it is refused before any output is kept.
+    monkeypatch.setattr("qinyu_edge.device.telemetry.available_memory_bytes", lambda: 1000)
+    rc = main(["quantize", "--bundle", str(src.root), "--out", str(tmp_path / "r"), "--recipe", "fp16"])
     err = capsys.readouterr().err
-    assert rc != 0 and "capturing calibration inputs" in err and "GB available" in err
-    assert list(tmp_path.iterdir()) == []
+    assert rc != 0 and "GB available" in err and not (tmp_path / "r").exists()
 
 
 def test_a_component_no_calibration_case_reached_is_autocast_on_a_synthetic_input(tmp_path):
