@@ -40,6 +40,7 @@ from qinyu_edge.runtime.conversation import Conversation, Reply
 from qinyu_edge.runtime.engine import Engine, EngineOptions
 from qinyu_edge.runtime.kv_cache import KVCache
 from qinyu_edge.runtime.session import CopyStats, Session
+from qinyu_edge.side_file import graph_files
 
 from .decode_graphs import DERIVED
 from .plan import component_precision
@@ -309,12 +310,13 @@ def check_runs_here(bundle_dir: str | os.PathLike, what: str, way_out: str = CAL
     from qinyu_edge.device.telemetry import available_memory_bytes
 
     bundle = load_bundle(bundle_dir, verify=False)  # sizes only: the run that follows verifies the files
-    files = {n: name for name, spec in bundle.components.items() if name not in DERIVED
-             for n in (spec.file, spec.file + ".data") if n in bundle.files}
+    # Each session holds its own weights, also where two graphs keep them in one side file.
+    files = [(n, name) for name, spec in bundle.components.items() if name not in DERIVED
+             for n in graph_files(bundle.root, spec.file) if n in bundle.files]
     # ONNX Runtime's CPU kernels take fp32: it holds an fp16 graph's weights widened (the real 4B's
     # 8.3 GB fp16 backbone was 17.1 GB resident once loaded).
     need = sum(bundle.files[n].bytes * (2 if component_precision(bundle, name) == "fp16" else 1)
-               for n, name in files.items())
+               for n, name in files)
     free = available_memory_bytes()
     if free is not None and run_memory(need) > free:
         raise BundleTooLargeError(

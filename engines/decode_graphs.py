@@ -16,7 +16,10 @@ per step. This module derives, from the bundle's own files, what makes it one:
   graph is not loaded at all, so the 4B's tied matrix is held once, by the heads. The .npy is the
   embedding graph's own side file, so the bundle stores the table once too.
 
-Both are derived again whenever the graphs they come from change (quantization), and skipped
+`heads_logits` (sampling's heads) holds the same matrices as `heads_greedy`: its tensors point into
+the greedy heads' side file, so the lm_head is stored once for both.
+
+All are derived again whenever the graphs they come from change (quantization), and skipped
 where the source does not have the expected form (a quantized table): the runtime then uses
 the separate graphs, which stay in the bundle for that and for calibration.
 """
@@ -32,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from qinyu_edge.bundle import DECODE, ComponentSpec
-from qinyu_edge.side_file import ALIGN
+from qinyu_edge.side_file import ALIGN, share_tensors
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ DECODE_ORT_FILE = "decode_ort.onnx"
 # Bundles from before the host table became the embedding graph's side file kept a copy here.
 HOST_EMBEDDING_FILE = "embedding_table.npy"
 HEADS = "heads_greedy"
+LOGITS = "heads_logits"  # the same eight heads without the greedy choice: it shares their weights
 # Components whose graphs this module writes: quantization derives them again instead of
 # rewriting them.
 DERIVED = (DECODE,)
@@ -198,6 +202,10 @@ def derive(folder: Path, components: dict[str, ComponentSpec], variants: dict[st
     variants = {k: v for k, v in variants.items() if k not in DERIVED}
     for stale in (DECODE_FILE, DECODE_ORT_FILE, HOST_EMBEDDING_FILE):
         (folder / stale).unlink(missing_ok=True)
+    if HEADS in components and LOGITS in components:
+        shared = share_tensors(folder, components[HEADS].file, components[LOGITS].file)
+        if shared:
+            log.info("%s keeps %.2f GB of its weights in %s's side file", LOGITS, shared / 1e9, HEADS)
     if "backbone" in components and HEADS in components:
         heads = components[HEADS]
         try:

@@ -67,7 +67,7 @@ from qinyu_edge.bundle_paths import inside
 from qinyu_edge.device.targets import PRECISIONS
 from qinyu_edge.errors import QinyuError
 from qinyu_edge.fileio import replace_dir
-from qinyu_edge.side_file import EXTERNAL_DATA_BYTES, INLINE_MAX_BYTES
+from qinyu_edge.side_file import EXTERNAL_DATA_BYTES, INLINE_MAX_BYTES, external_bytes, graph_files
 from qinyu_edge.staging import refuse_existing, staged_dir
 
 from .decode_graphs import DECODE, DERIVED, HEADS, derive as derive_decode
@@ -518,7 +518,7 @@ def _modelopt_qdq(src: Path, cr: ComponentRecipe, calib: CalibrationSet, compone
             str(src), quantize_mode=mode, calibration_data_reader=calib.reader(component), calibration_eps=["cpu"],
             nodes_to_exclude=list(exclude), output_path=str(out), log_level="ERROR", high_precision_dtype="fp16",
             enable_gemv_detection_for_trt=cr.gemv_detection,
-            use_external_data_format=src.with_name(src.name + ".data").is_file(),
+            use_external_data_format=len(graph_files(src.parent, src.name)) > 1,
             **kwargs,
         )
         if not out.is_file():
@@ -611,9 +611,9 @@ class ComponentResult:
 
 
 def weight_bytes(src: Path) -> int:
-    """Bytes of a graph's weights: its side file, or the graph file itself."""
-    side = src.with_name(src.name + ".data")
-    return side.stat().st_size if side.is_file() else src.stat().st_size
+    """Bytes of a graph's weights: its tensors kept outside it (in its side file or another graph's),
+    or the graph file itself."""
+    return external_bytes(src)
 
 
 def streams(src: Path, cr: ComponentRecipe) -> bool:
@@ -846,6 +846,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
             stand_ins = [n for n in streamed if RECIPES["int4-rtn"].for_component(n).method == "int4-rtn"]
             if not stand_ins:
                 raise
+    _check_shared(src, plan)
     # At most the fp32 bundle's size: every quantized component is smaller than its fp32 file.
     with staged_dir(out, force, need_bytes=sum(e.bytes for e in src.files.values())) as tmp:
         results: dict[str, ComponentResult] = {}
@@ -908,6 +909,20 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         return dataclasses.replace(bundle, root=out)
 
 
+def _check_shared(src: Bundle, plan: Mapping[str, ComponentRecipe]) -> None:
+    """Refuse to quantize a graph whose side file another graph that stays as it is reads too
+    (`heads_logits` keeps its weights in `heads_greedy`'s): the new side file would replace them."""
+    todo = {src.components[n].file + ".data": n for n, cr in plan.items() if cr.method != "fp32" and n not in DERIVED}
+    for name, spec in src.components.items():
+        if name in DERIVED or plan[name].method != "fp32":
+            continue
+        for f in graph_files(src.root, spec.file)[1:]:
+            if f in todo:
+                raise QuantizationError(
+                    f"{name} keeps its weights in {f}, the side file of {todo[f]}: quantize the two together "
+                    f"(--components ... {todo[f]} {name}); nothing was written")
+
+
 def _check_coverage(calibration: CalibrationSet, todo: Mapping[str, ComponentRecipe]) -> None:
     """Refuse, before any of them is started, components whose method needs calibration samples the
     capture did not produce (fp16 makes do with a synthetic input, and says so)."""
@@ -965,7 +980,8 @@ def _capture(src: Bundle, staged: Path, specs: Mapping[str, ComponentSpec], done
     on = (f"this bundle with INT4 stand-ins of {names}, made for the capture alone" if stand_in
           else f"this bundle with {names} already quantized") + ": the fp32 bundle exceeds the memory available"
     parts = {n: s for n, s in specs.items() if n not in DERIVED}
-    where = {f: staged if n in done else src.root for n, s in parts.items() for f in (s.file, s.file + ".data")}
+    where = {f: staged if n in done else src.root for n, s in parts.items()
+             for f in graph_files(staged if n in done else src.root, s.file)}
     where.update({n: src.root for n in src.files if not n.endswith((".onnx", ".data"))})
     files = sorted(f for f, root in where.items() if (root / f).is_file())
     view = staged / ".calibration-view"

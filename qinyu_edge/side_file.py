@@ -7,6 +7,8 @@ ONNX Runtime can map tensors instead of copying them; tensors of a few bytes sta
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,3 +84,108 @@ class SideFile:
     def close(self) -> None:
         if self.file:
             self.file.close()
+
+
+def _external(t: TensorProto) -> dict[str, str] | None:
+    if t.data_location != TensorProto.EXTERNAL:
+        return None
+    return {e.key: e.value for e in t.external_data}
+
+
+def graph_files(folder: Path, onnx_file: str) -> list[str]:
+    """The ONNX file and every side file its tensors live in (its own `<file>.data`, or another
+    graph's, when they share a matrix), in the order the tensors name them."""
+    import onnx
+
+    model = onnx.load(str(folder / onnx_file), load_external_data=False)
+    names = [onnx_file]
+    for t in model.graph.initializer:
+        info = _external(t)
+        if info is not None and info["location"] not in names:
+            names.append(info["location"])
+    return names
+
+
+def external_bytes(path: Path) -> int:
+    """Bytes of a graph's tensors kept outside it, wherever they are; the file's size without any."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    lengths = [int(info["length"]) for t in model.graph.initializer if (info := _external(t)) is not None]
+    return sum(lengths) if lengths else path.stat().st_size
+
+
+def _blocks(folder: Path, info: dict[str, str]) -> Iterator[bytes]:
+    """An external tensor's bytes, a block at a time."""
+    left = int(info["length"])
+    with open(folder / info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        while left:
+            block = f.read(min(left, BLOCK_BYTES))
+            if not block:
+                raise ValueError(f"{info['location']} ends inside a tensor")
+            yield block
+            left -= len(block)
+
+
+def _digest(folder: Path, info: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for block in _blocks(folder, info):
+        h.update(block)
+    return h.hexdigest()
+
+
+def share_tensors(folder: Path, owner: str, other: str) -> int:
+    """Point `other`'s external tensors at identical ones (same type, shape and bytes) in `owner`'s
+    side file, and rewrite `other`'s side file without them (removed when nothing is left in it).
+    Both graphs are in `folder`. Returns the bytes no longer stored twice."""
+    import onnx
+
+    def load(name: str) -> onnx.ModelProto:
+        return onnx.load(str(folder / name), load_external_data=False)
+
+    theirs: dict[tuple[int, tuple[int, ...], str], dict[str, str]] = {}
+    for t in load(owner).graph.initializer:
+        info = _external(t)
+        if info is not None:
+            theirs[(t.data_type, tuple(t.dims), _digest(folder, info))] = info
+    model = load(other)
+    own_side = f"{other}.data"
+    shared, kept = 0, []
+    for t in model.graph.initializer:
+        info = _external(t)
+        if info is None or info["location"] != own_side:
+            continue
+        match = theirs.get((t.data_type, tuple(t.dims), _digest(folder, info)))
+        if match is None:
+            kept.append(t)
+            continue
+        shared += int(info["length"])
+        del t.external_data[:]
+        for k in ("location", "offset", "length"):
+            t.external_data.add(key=k, value=match[k])
+    if not shared:
+        return 0
+    tmp_side, tmp_graph = folder / f".{own_side}.tmp", folder / f".{other}.tmp"
+    try:
+        if kept:  # what is not shared moves to a new side file, a block at a time
+            with open(tmp_side, "wb") as out:
+                for t in kept:
+                    info = _external(t)
+                    out.write(b"\0" * (-out.tell() % ALIGN))
+                    offset = out.tell()
+                    for block in _blocks(folder, info):
+                        out.write(block)
+                    del t.external_data[:]
+                    for k, v in (("location", own_side), ("offset", str(offset)), ("length", info["length"])):
+                        t.external_data.add(key=k, value=v)
+        onnx.save(model, str(tmp_graph))
+        if kept:
+            os.replace(tmp_side, folder / own_side)
+        else:
+            (folder / own_side).unlink()
+        os.replace(tmp_graph, folder / other)
+    finally:
+        tmp_side.unlink(missing_ok=True)
+        tmp_graph.unlink(missing_ok=True)
+    return shared
