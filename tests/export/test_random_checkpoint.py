@@ -135,7 +135,7 @@ def test_real_width_4b_with_two_layers_loads_through_the_real_loader(tmp_path):
 @pytest.mark.timeout(5400)  # the suite's 600 s per test would stop it halfway
 def test_real_size_4b_exports_within_12_gib_and_quantizes_within_20(tmp_path):
     """The whole 4B, 40 layers of random weights in the real layout, through the user's commands:
-    export about 6 minutes and 37 GB of disk here (checkpoint and bundle), peak RSS about 8 GB; the
+    export about 6 minutes and 34 GB of disk here (checkpoint and bundle), peak RSS about 8 GB; the
     INT4 backbone about 8 minutes, peak RSS about 5 GB, 10 GB more disk (the rest is copied)."""
     out = tmp_path / "b"
     cli = "import sys; from qinyu_edge.cli import main; sys.exit(main(sys.argv[1:]))"
