@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from qinyu_edge.bundle import DECODE, ComponentSpec
-from qinyu_edge.side_file import ALIGN, share_tensors
+from qinyu_edge.side_file import ALIGN, external_blocks, share_tensors
 
 log = logging.getLogger(__name__)
 
@@ -158,15 +158,8 @@ def write_host_embedding(embedding_path: Path) -> str | None:
             if not info:
                 f.write(np.ascontiguousarray(numpy_helper.to_array(table)).tobytes())
             else:
-                left = nbytes
-                with open(embedding_path.parent / info["location"], "rb") as src:
-                    src.seek(int(info.get("offset", 0)))
-                    while left:
-                        block = src.read(min(left, 64 << 20))
-                        if not block:
-                            raise ValueError(f"{info['location']} ends inside the embedding table")
-                        f.write(block)
-                        left -= len(block)
+                for block in external_blocks(embedding_path.parent, {**info, "length": str(nbytes)}):
+                    f.write(block)
         table.ClearField("raw_data")
         table.data_location = TensorProto.EXTERNAL
         del table.external_data[:]

@@ -22,7 +22,8 @@ same bytes ModelOpt's RTN and fp16 conversion write), without calibration. AWQ a
 run there (they hold the graph and its calibration activations), so `int4-awq` falls back to RTN
 and `fp16` converts without range checks, and the manifest says so (`applied`). Where the fp32
 bundle is larger than the memory available, the other components are calibrated on the bundle
-with its streamed backbone, and the manifest says that too.
+with its streamed backbone (under fp16, which ONNX Runtime runs as large as fp32, on an INT4
+stand-in of it made for the capture), and the manifest says that too.
 
 A strongly typed TensorRT network takes every type from the graph, so the same files build on
 TensorRT 10.3 (JetPack 6) through 11.x, where the precision builder flags are gone. The lm_head (the
@@ -826,6 +827,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         raise QuantizationError("--out must differ from --bundle: the fp32 bundle is the reference")
     plan = plan_components(src, recipe, components)
     check_target(plan, target)
+    _check_shared(src, plan)
     streamed = [name for name, cr in plan.items() if streams(src.path(name), cr)]
     if calibration is not None:
         _check_coverage(calibration, {n: cr for n, cr in plan.items() if n not in streamed})
@@ -834,7 +836,7 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
     wants_capture = calibration is None and (calibrated or save_calibration is not None)
     # Capture falls back to the bundle with the streamed components quantized; at fp16 that runs as
     # large as the fp32 bundle (ONNX Runtime widens fp16 weights on the CPU). There the capture runs
-    # on INT4 stand-ins of the streamed MatMul graphs instead, made for it and then deleted: AutoCast
+    # on an INT4 stand-in of the streamed backbone instead, made for it and then deleted: AutoCast
     # needs the activations' ranges, which INT4 rounding barely moves.
     stand_ins: list[str] = []
     if wants_capture and all(PRECISION[plan[n].method] == "fp16" for n in streamed):
@@ -846,7 +848,6 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
             stand_ins = [n for n in streamed if RECIPES["int4-rtn"].for_component(n).method == "int4-rtn"]
             if not stand_ins:
                 raise
-    _check_shared(src, plan)
     # At most the fp32 bundle's size: every quantized component is smaller than its fp32 file.
     with staged_dir(out, force, need_bytes=sum(e.bytes for e in src.files.values())) as tmp:
         results: dict[str, ComponentResult] = {}

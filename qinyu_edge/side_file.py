@@ -115,22 +115,23 @@ def external_bytes(path: Path) -> int:
     return sum(lengths) if lengths else path.stat().st_size
 
 
-def _blocks(folder: Path, info: dict[str, str]) -> Iterator[bytes]:
-    """An external tensor's bytes, a block at a time."""
+def external_blocks(folder: Path, info: dict[str, str]) -> Iterator[bytes]:
+    """An external tensor's bytes (`info`: its location, offset and length), a block at a time."""
     left = int(info["length"])
     with open(folder / info["location"], "rb") as f:
         f.seek(int(info.get("offset", 0)))
         while left:
             block = f.read(min(left, BLOCK_BYTES))
             if not block:
-                raise ValueError(f"{info['location']} ends inside a tensor")
+                raise ValueError(f"{info['location']} ends inside a tensor: the bundle is truncated. "
+                                 "Export it again.")
             yield block
             left -= len(block)
 
 
 def _digest(folder: Path, info: dict[str, str]) -> str:
     h = hashlib.sha256()
-    for block in _blocks(folder, info):
+    for block in external_blocks(folder, info):
         h.update(block)
     return h.hexdigest()
 
@@ -174,7 +175,7 @@ def share_tensors(folder: Path, owner: str, other: str) -> int:
                     info = _external(t)
                     out.write(b"\0" * (-out.tell() % ALIGN))
                     offset = out.tell()
-                    for block in _blocks(folder, info):
+                    for block in external_blocks(folder, info):
                         out.write(block)
                     del t.external_data[:]
                     for k, v in (("location", own_side), ("offset", str(offset)), ("length", info["length"])):
