@@ -27,6 +27,7 @@ from qinyu_edge.engines.quantize import (
 )
 from qinyu_edge.export.bundle_export import preset_bundle
 from qinyu_edge.runtime.session import open_session
+from qinyu_edge.side_file import graph_files
 
 
 def _all_external(src, dst):
@@ -169,14 +170,19 @@ def test_a_bundle_too_large_for_memory_is_not_run_for_calibration(tmp_path, monk
     assert load_bundle(tmp_path / "q").origin["precision"]["backbone"] == "int4"
 
 
-def test_calibration_runs_on_the_int4_backbone_when_the_fp32_bundle_does_not_fit(tmp_path, monkeypatch, capsys):
+def _fp32_bundle_one_byte_too_large(monkeypatch):
+    """tiny-4b with its backbone streamed (the one graph above the threshold, as on the real
+    models) on a machine one byte short of running its fp32 graphs."""
     src = load_bundle(preset_bundle("tiny-4b"))
-    # The backbone is the one graph above the threshold here, as on the real models.
     monkeypatch.setattr(quantize, "STREAM_QUANT_BYTES", quantize.weight_bytes(src.path("backbone")) - 1)
     fp32 = sum(src.files[f].bytes for name, spec in src.components.items() if name not in DERIVED
-               for f in (spec.file, spec.file + ".data") if f in src.files)
-    # One byte short for the fp32 graphs; the INT4 backbone leaves room.
+               for f in graph_files(src.root, spec.file) if f in src.files)
     monkeypatch.setattr("qinyu_edge.device.telemetry.available_memory_bytes", lambda: run_memory(fp32) - 1)
+    return src
+
+
+def test_calibration_runs_on_the_int4_backbone_when_the_fp32_bundle_does_not_fit(tmp_path, monkeypatch, capsys):
+    src = _fp32_bundle_one_byte_too_large(monkeypatch)  # the INT4 backbone leaves room
     out = tmp_path / "q"
     rc = main(["quantize", "--bundle", str(src.root), "--out", str(out), "--recipe", "int4-awq", "--components",
                "backbone", "audio_projector", "speaker_projector", "--save-calibration", str(tmp_path / "cal")])
@@ -197,11 +203,7 @@ def test_fp16_calibrates_on_an_int4_stand_in_when_the_fp32_bundle_does_not_fit(t
     """ONNX Runtime holds fp16 weights widened to fp32 on the CPU, so a streamed fp16 backbone runs as
     large as the fp32 one and makes no room for the capture. An INT4 stand-in of the backbone, made
     for the capture and deleted after it, does: the rest is AutoCast on real speech."""
-    src = load_bundle(preset_bundle("tiny-4b"))
-    monkeypatch.setattr(quantize, "STREAM_QUANT_BYTES", quantize.weight_bytes(src.path("backbone")) - 1)
-    fp32 = sum(src.files[f].bytes for name, spec in src.components.items() if name not in DERIVED
-               for f in (spec.file, spec.file + ".data") if f in src.files)
-    monkeypatch.setattr("qinyu_edge.device.telemetry.available_memory_bytes", lambda: run_memory(fp32) - 1)
+    src = _fp32_bundle_one_byte_too_large(monkeypatch)
     out = tmp_path / "q"
     rc = main(["quantize", "--bundle", str(src.root), "--out", str(out), "--recipe", "fp16"])
     printed = capsys.readouterr().out
