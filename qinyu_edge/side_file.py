@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper
 
 ALIGN = 4096
@@ -95,8 +96,6 @@ def _external(t: TensorProto) -> dict[str, str] | None:
 def graph_files(folder: Path, onnx_file: str) -> list[str]:
     """The ONNX file and every side file its tensors live in (its own `<file>.data`, or another
     graph's, when they share a matrix), in the order the tensors name them."""
-    import onnx
-
     model = onnx.load(str(folder / onnx_file), load_external_data=False)
     names = [onnx_file]
     for t in model.graph.initializer:
@@ -108,8 +107,6 @@ def graph_files(folder: Path, onnx_file: str) -> list[str]:
 
 def external_bytes(path: Path) -> int:
     """Bytes of a graph's tensors kept outside it, wherever they are; the file's size without any."""
-    import onnx
-
     model = onnx.load(str(path), load_external_data=False)
     lengths = [int(info["length"]) for t in model.graph.initializer if (info := _external(t)) is not None]
     return sum(lengths) if lengths else path.stat().st_size
@@ -140,8 +137,6 @@ def share_tensors(folder: Path, owner: str, other: str) -> int:
     """Point `other`'s external tensors at identical ones (same type, shape and bytes) in `owner`'s
     side file, and rewrite `other`'s side file without them (removed when nothing is left in it).
     Both graphs are in `folder`. Returns the bytes no longer stored twice."""
-    import onnx
-
     def load(name: str) -> onnx.ModelProto:
         return onnx.load(str(folder / name), load_external_data=False)
 
