@@ -23,6 +23,7 @@ import numpy as np
 from qinyu_edge.config import PREFILL_CHUNK
 from qinyu_edge.tokens import TokenLayout
 
+from .host_embedding import HostEmbedding
 from .kv_cache import KVCache
 from .sampling import SamplingConfig, sample_step
 from .session import Session
@@ -102,6 +103,7 @@ class Generator:
         self._embeds = np.zeros((1, 1, hidden_size), np.float32)
         self._choice = np.zeros((1, layout.n_codebooks), np.int64)
         self._history = np.full((1, PENALTY_WINDOW), -1, np.int64)
+        self._history_ids: tuple[int, ...] = ()  # what `_history` holds
         self._book_starts = np.array([layout.book_start(k) for k in range(layout.n_codebooks)], np.int64)
         # The prompt rows at cache positions [0, len): what a reusing prefill compares against.
         self._rows = np.zeros((0, hidden_size), np.float32)
@@ -114,9 +116,12 @@ class Generator:
         return self.embedding.run({"ids": ids})["inputs_embeds"]
 
     def _set_history(self, history: deque | None) -> None:
+        ids = tuple(history or ())
+        if ids == self._history_ids:  # text steps leave it as it was: no numpy work
+            return
+        self._history_ids = ids
         self._history.fill(-1)
-        if history:
-            self._history[0, : len(history)] = list(history)
+        self._history[0, : len(ids)] = ids
 
     def _forward(self, embeds: np.ndarray, history: deque | None = None) -> None:
         """Run positions through the backbone, at most `prefill_chunk` per call, each chunk over the
@@ -124,8 +129,10 @@ class Generator:
         graph, `_choice` ends as the greedy choice after it, made with `history`."""
         if self.fused is not None:
             self._set_history(history)
-        for start in range(0, embeds.shape[1], self.prefill_chunk):
-            chunk = embeds[:, start:start + self.prefill_chunk]
+        step = self.prefill_chunk
+        # A decode step passes its own buffer whole: the same array every step stays bound.
+        chunks = (embeds,) if embeds.shape[1] <= step else (embeds[:, s:s + step] for s in range(0, embeds.shape[1], step))
+        for chunk in chunks:
             n = chunk.shape[1]
             into = {**self.cache.slot(n), "hidden": self.hidden}
             if self.fused is not None:
@@ -202,7 +209,9 @@ class Generator:
             if self._open_logits is None:
                 raise ValueError("sampling needs the heads_logits session, and this bundle has none")
             self.logits = self._open_logits()
-        sessions = tuple(s for s in (self.embedding, self.backbone, self.greedy, self.fused, self.logits) if s is not None)
+        # Time in inference sessions; the host gather of a HostEmbedding is the loop's own work.
+        sessions = tuple(s for s in (self.embedding, self.backbone, self.greedy, self.fused, self.logits)
+                         if s is not None and not isinstance(s, HostEmbedding))
         for _ in range(max_new_tokens):
             if cancel is not None and cancel.is_set():
                 stop = "cancelled"

@@ -110,6 +110,7 @@ class OrtSession:
         self._wrap = ort.OrtValue.ortvalue_from_numpy
         self._bound: dict[str, np.ndarray] = {}
         self._scratch: dict[str, np.ndarray] = {}
+        self._last_into: dict[str, np.ndarray] = {}  # each output's `into` array of the last call
         self.stats = CopyStats()
 
     def run(self, inputs: Mapping[str, np.ndarray], into: Mapping[str, np.ndarray] | None = None
@@ -155,13 +156,17 @@ class OrtSession:
             if bound.get(n) is dst:  # bound in place last call, and still the same array
                 continue
             target = dst
-            # An output that is one of the inputs (a cache the graph updates in place) is always bound in place.
-            if dst.nbytes <= COPY_OUTPUT_BYTES and inputs_by_id is None:
+            # A small output given as a new array each call (a decode step's new cache rows, a new
+            # view every step) lands in a buffer bound once and is copied out: a copy of a few KB is
+            # a microsecond, binding a new OrtValue several. One given twice in a row (the step's
+            # hidden state and ids) is the caller's lasting buffer and is bound in place, as is an
+            # output that is one of the inputs (a cache the graph updates in place).
+            lasting = self._last_into.get(n) is dst and dst.flags.c_contiguous
+            self._last_into[n] = dst
+            via_copy = dst.nbytes <= COPY_OUTPUT_BYTES and not lasting
+            if via_copy and inputs_by_id is None:
                 inputs_by_id = {id(a) for a in inputs.values()}
-            if dst.nbytes <= COPY_OUTPUT_BYTES and id(dst) not in inputs_by_id:
-                # A small output (a decode step's new cache rows, each step a new view) lands in a
-                # buffer bound once and is copied out: a copy of a few KB is a microsecond, binding
-                # a new OrtValue several.
+            if via_copy and id(dst) not in inputs_by_id:
                 target = self._scratch.get(n)
                 if target is None or target.shape != dst.shape or target.dtype != dst.dtype:
                     target = self._scratch[n] = np.empty(dst.shape, dst.dtype)

@@ -33,7 +33,7 @@ def test_a_greedy_step_is_one_session_call(preset_bundle):
     # neither the separate backbone and greedy heads nor the embedding graph is loaded
     assert not {"backbone", "heads_greedy", "embedding", "heads_logits"} & set(eng.sessions)
     assert isinstance(eng.generator.embedding, HostEmbedding)
-    assert isinstance(eng.host_embedding.table, np.memmap)  # mapped, not read into memory
+    assert isinstance(eng.host_embedding.table.base, np.memmap)  # a view of the mapping, not read into memory
     res = eng.generator.generate(_embeds(eng), max_new_tokens=30)
     calls = sum(s.stats.calls for s in eng.sessions.values() if s.name != "xy_decoder")
     # one prefill call (the prompt is shorter than a chunk) giving the first choice, then one call per
@@ -55,6 +55,25 @@ def test_host_rows_equal_the_embedding_graph(preset_bundle):
         np.testing.assert_allclose(host.run({"ids": ids})["inputs_embeds"], want, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="token ids must lie in"):
         host.run({"ids": np.array([[[vocab]]], np.int64)})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_decode_step_gathers_what_a_prompt_gathers(tmp_path, dtype):
+    """A step's one position takes its own short path; it must give the vectorized path's bits."""
+    table = np.random.default_rng(5).standard_normal((300, 24)).astype(dtype)
+    np.save(tmp_path / "t.npy", table)
+    host = HostEmbedding(tmp_path / "t.npy", 300, 24)
+    ids = np.random.default_rng(6).integers(0, 300, (1, 4, 8), dtype=np.int64)
+    for k in (1, 8):
+        prompt = host.run({"ids": ids[:, :, :k]})["inputs_embeds"]
+        out = np.full((1, 1, 24), np.nan, np.float32)
+        for pos in range(4):
+            host.run({"ids": ids[:, pos:pos + 1, :k]}, into={"inputs_embeds": out})
+            np.testing.assert_array_equal(out[0, 0], prompt[0, pos])
+        np.testing.assert_allclose(prompt[0], table[ids[0, :, :k]].astype(np.float32).mean(axis=1), rtol=1e-6)
+    for bad in (-1, 300):
+        with pytest.raises(ValueError, match=r"token ids must lie in \[0, 300\)"):
+            host.run({"ids": np.array([[[3, bad, 4]]], np.int64)})
 
 
 def _copy(path, tmp_path):
@@ -93,7 +112,7 @@ def test_a_bundle_with_a_separate_table_copy_still_runs(preset_bundle, tmp_path)
                                          "bytes": (copy / "embedding_table.npy").stat().st_size}
     (copy / MANIFEST).write_text(json.dumps(d))
     old, new = Engine(copy), Engine(path)
-    assert old.host_embedding is not None and Path(old.host_embedding.table.filename).name == "embedding_table.npy"
+    assert old.host_embedding is not None and Path(old.host_embedding.table.base.filename).name == "embedding_table.npy"
     assert old.generator.generate(_embeds(old), 24).tokens == new.generator.generate(_embeds(new), 24).tokens
 
 
