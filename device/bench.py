@@ -411,6 +411,9 @@ class Bench:
         t0 = time.perf_counter()
         self.engine = Engine(self.bundle_dir, self.engine_options, verify=False)  # load_bundle verified it
         ms = (time.perf_counter() - t0) * 1e3
+        self.environment["decode_step"] = ("one call: the fused decode graph, embedding rows gathered on the host"
+                                           if self.engine.generator.fused is not None else
+                                           "three calls: the embedding, backbone and greedy-heads sessions")
         self._add(Figure("memory/engine_load_time", "memory", "engine load time (sessions, tokenizer, cache)", "ms",
                          "lower", ms))
         rss = telemetry.rss_bytes()

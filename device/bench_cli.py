@@ -35,6 +35,9 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="ONNX Runtime provider")
     b.add_argument("--portable", action="store_true",
                    help="time the portable graphs even where the bundle has a faster ONNX Runtime CPU variant")
+    b.add_argument("--split", action="store_true",
+                   help="time the embedding, backbone and greedy-heads sessions, three calls per step, instead of "
+                        "the bundle's fused decode graph and host embedding table (to compare the two)")
     b.add_argument("--threads", type=COUNT, default=None, help="ONNX Runtime intra-op threads (default: its own)")
     b.add_argument("--context", type=COUNT, default=None, help="KV cache positions (default: the bundle's maximum)")
     b.add_argument("--target", default=None,
@@ -105,7 +108,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise QinyuError(f"--wav {w}: no such file")
     bench = Bench(args.bundle, EngineOptions(backend=args.backend, provider=args.provider, threads=args.threads,
                                              context=args.context, engines=str(args.engines) if args.engines else None,
-                                             ort_variants=not args.portable),
+                                             ort_variants=not args.portable, fused=not args.split),
                   options)
     out = args.out or Path(f"bench-{bench.bundle.config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     err = _console(stderr=True)

@@ -30,8 +30,11 @@ is the median over all kept steps of all rounds.
 Bandwidth floor: the weight bytes one step must read (every layer, the final norm, the lm_head and
 one embedding row; the KV cache is not counted) over the copy bandwidth, measured as the best of
 several large numpy copies and counted as bytes read plus bytes written per second. Fraction of
-floor = floor / step time. Host overhead (ours) = step time minus the time inside the sessions
-(`CopyStats.busy_ms`), i.e. what the loop itself costs.
+floor = floor / step time. A read stream does not reach that copy rate, so the caption also gives
+what ONNX Runtime's fp32 MatMul alone reads on one large weight, and each step's fraction of it: the
+most that any graph on these kernels could reach. Host overhead (ours) = step time minus the time
+inside the ONNX Runtime sessions (`CopyStats.busy_ms`): the loop itself and the host gather of the
+step's embedding row(s).
 """
 
 from __future__ import annotations
@@ -541,6 +544,40 @@ def copy_bandwidth(threads: int, nbytes: int = 1 << 29, repeats: int = 7) -> flo
     return 2 * src.nbytes / best / 1e9
 
 
+MATMUL_MB = 256
+
+
+def matmul_bandwidth(threads: int, nbytes: int = MATMUL_MB << 20, repeats: int = 7) -> float:
+    """GB/s of weights that ONNX Runtime's fp32 MatMul reads for one position, [1, 1024] x [1024, N]
+    with an N that makes the weight `nbytes`, in a session with the runtime's settings; the best of
+    `repeats`. What a decode step could reach if it were nothing but its matmuls, on this machine
+    and kernel library: a read stream, where the copy floor also counts what it writes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = nbytes // 4 // 1024
+    w = np.random.default_rng(0).standard_normal((1024, n), dtype=np.float32)
+    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])
+    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv", [x_info], [y_info],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    del w
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "gemv.onnx"
+        path.write_bytes(model.SerializeToString())
+        del model
+        sess = open_session(path, threads=threads)
+    x, y = np.ones((1, 1024), np.float32), np.empty((1, n), np.float32)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        sess.run({"x": x}, into={"y": y})
+        return time.perf_counter() - t0
+
+    once()
+    return 1024 * n * 4 / min(once() for _ in range(repeats)) / 1e9
+
+
 @dataclass
 class BenchOptions:
     shape: BenchShape = SHAPES["qwen3-1024"]
@@ -559,6 +596,7 @@ class BenchResult:
     options: BenchOptions
     weight_bytes: int
     bandwidth_gbs: float
+    matmul_gbs: float  # what ONNX Runtime's MatMul alone reads (`matmul_bandwidth`)
     ms: dict[str, dict[int, float]] = field(default_factory=dict)  # contender -> past -> p50 ms/step
     host_ms: dict[str, dict[int, float]] = field(default_factory=dict)  # ours (each config) -> past -> p50
     parity: dict[str, float] = field(default_factory=dict)
@@ -567,10 +605,15 @@ class BenchResult:
     def floor_ms(self) -> float:
         return self.weight_bytes / (self.bandwidth_gbs * 1e9) * 1e3
 
+    @property
+    def matmul_ms(self) -> float:
+        """A step's weights at the rate ONNX Runtime's MatMul alone reads them."""
+        return self.weight_bytes / (self.matmul_gbs * 1e9) * 1e3
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["options"] = {**dataclasses.asdict(self.options), "work": str(self.options.work)}
-        d["floor_ms"] = self.floor_ms
+        d["floor_ms"], d["matmul_ms"] = self.floor_ms, self.matmul_ms
         return d
 
 
@@ -616,7 +659,8 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> BenchRes
     ckpt = make_checkpoint(shape, work / "checkpoint", max_positions=max(8192, max_past + options.steps + 64))
     mods = load_ours(shape, ckpt)
     paths = export_ours(mods, work / f"ours-{_graph_fingerprint()}")
-    result = BenchResult(options, shape.weight_bytes(), copy_bandwidth(options.threads))
+    result = BenchResult(options, shape.weight_bytes(), copy_bandwidth(options.threads),
+                         matmul_bandwidth(options.threads))
     result.parity = step_parity(mods, paths)
     runners: list[Runner] = []
     for c in options.contenders:
@@ -701,6 +745,10 @@ def render(result: BenchResult) -> Table:
         f"growth {hi}/{lo}: {growth}\n"
         f"weights read per step {result.weight_bytes / 1e6:.1f} MB, copy bandwidth {result.bandwidth_gbs:.1f} GB/s "
         f"(read+write), floor {result.floor_ms:.2f} ms\n"
+        f"ONNX Runtime's MatMul alone reads {result.matmul_gbs:.1f} GB/s (one weight of {MATMUL_MB} MB, same threads): "
+        f"{result.matmul_ms:.2f} ms per step at that rate; step fraction of it: "
+        + "  ".join(f"{c} " + "/".join(f"{result.matmul_ms / ms[c][p]:.2f}" for p in o.pasts)
+                    for c in cols if c == genai or c == "ours") + "\n"
         f"ours vs torch, same weights: hidden rel {result.parity['hidden_rel']:.1e}, logits rel "
         f"{result.parity['logits_rel']:.1e}, greedy tokens {'equal' if result.parity['same_tokens'] else 'DIFFER'}"
     )

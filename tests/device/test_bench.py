@@ -134,6 +134,20 @@ def test_ctrl_c_writes_what_was_measured(bundle, tmp_path):
     assert "interrupted" in res.stderr
 
 
+def test_split_times_the_three_sessions_a_step_used_to_take(run, bundle, tmp_path):
+    """`--split` is the before of the fused decode graph: `bench compare` of the two runs is the A/B."""
+    _, fused = run
+    assert fused["environment"]["decode_step"].startswith("one call")
+    out = tmp_path / "split"
+    assert main(["bench", "--bundle", str(bundle), "--out", str(out), *QUICK, "--split"]) == 0
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["environment"]["decode_step"].startswith("three calls")
+    for name in ("decode_step/ctx=200", "e2e/decode_steps_per_s"):
+        assert math.isfinite(doc["figures"][name]["value"]) and doc["figures"][name]["value"] > 0
+    assert "(fused)" in fused["figures"]["backbone_step/ctx=16"]["label"]
+    assert "(fused)" not in doc["figures"]["backbone_step/ctx=16"]["label"]
+
+
 def test_against_torch_ratios_are_finite(run):
     _, doc = run
     ag = doc["against"]
