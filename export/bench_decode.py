@@ -30,9 +30,9 @@ is the median over all kept steps of all rounds.
 Bandwidth floor: the weight bytes one step must read (every layer, the final norm, the lm_head and
 one embedding row; the KV cache is not counted) over the copy bandwidth, measured as the best of
 several large numpy copies and counted as bytes read plus bytes written per second. Fraction of
-floor = floor / step time. A read stream does not reach that copy rate, so the caption also gives
-what ONNX Runtime's fp32 MatMul alone reads on one large weight, and each step's fraction of it: the
-most that any graph on these kernels could reach. Host overhead (ours) = step time minus the time
+floor = floor / step time. A read stream does not reach that copy rate, so contender "matmul" times
+one fp32 MatMul over a weight of the step's bytes in the same rounds, and the caption gives its time
+over each step's: how close a step comes to doing nothing but read its weights on these kernels. Host overhead (ours) = step time minus the time
 inside the ONNX Runtime sessions (`CopyStats.busy_ms`): the loop itself and the host gather of the
 step's embedding row(s).
 """
@@ -524,6 +524,44 @@ class GenaiGraphRunner:
         return Timed(times)
 
 
+class MatmulRunner:
+    """One fp32 MatMul, [1, 1024] x [1024, N], whose weight has the bytes one decode step reads, in a
+    session with the runtime's settings: a step that were nothing but its matmuls, on these kernels
+    and this memory. Timed in the same rounds as the contenders, so it sees the same machine load;
+    each contender's fraction of it says how much of a step is anything but reading weights."""
+
+    name = "MatMul alone"
+
+    def __init__(self, weight_bytes: int, threads: int):
+        from onnx import TensorProto, helper, numpy_helper
+
+        self.n = weight_bytes // 4 // 1024
+        w = np.random.default_rng(0).standard_normal((1024, self.n), dtype=np.float32)
+        x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])
+        y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, self.n])
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv", [x_info], [y_info],
+                                  [numpy_helper.from_array(w, "w")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        del w
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "gemv.onnx"
+            path.write_bytes(model.SerializeToString())
+            del model
+            self.session = open_session(path, threads=threads)
+        self.x, self.y = np.ones((1, 1024), np.float32), np.empty((1, self.n), np.float32)
+
+    def prepare(self, past: int) -> None:
+        pass
+
+    def run(self, past: int, steps: int) -> Timed:
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            self.session.run({"x": self.x}, into={"y": self.y})
+            times.append((time.perf_counter() - t0) * 1e3)
+        return Timed(times)
+
+
 def copy_bandwidth(threads: int, nbytes: int = 1 << 29, repeats: int = 7) -> float:
     """GB/s of a large numpy copy split over `threads` threads (numpy copies without the GIL),
     counting bytes read plus bytes written; the best of `repeats`."""
@@ -544,40 +582,6 @@ def copy_bandwidth(threads: int, nbytes: int = 1 << 29, repeats: int = 7) -> flo
     return 2 * src.nbytes / best / 1e9
 
 
-MATMUL_MB = 256
-
-
-def matmul_bandwidth(threads: int, nbytes: int = MATMUL_MB << 20, repeats: int = 7) -> float:
-    """GB/s of weights that ONNX Runtime's fp32 MatMul reads for one position, [1, 1024] x [1024, N]
-    with an N that makes the weight `nbytes`, in a session with the runtime's settings; the best of
-    `repeats`. What a decode step could reach if it were nothing but its matmuls, on this machine
-    and kernel library: a read stream, where the copy floor also counts what it writes."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    n = nbytes // 4 // 1024
-    w = np.random.default_rng(0).standard_normal((1024, n), dtype=np.float32)
-    x_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1024])
-    y_info = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv", [x_info], [y_info],
-                              [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    del w
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "gemv.onnx"
-        path.write_bytes(model.SerializeToString())
-        del model
-        sess = open_session(path, threads=threads)
-    x, y = np.ones((1, 1024), np.float32), np.empty((1, n), np.float32)
-
-    def once() -> float:
-        t0 = time.perf_counter()
-        sess.run({"x": x}, into={"y": y})
-        return time.perf_counter() - t0
-
-    once()
-    return 1024 * n * 4 / min(once() for _ in range(repeats)) / 1e9
-
-
 @dataclass
 class BenchOptions:
     shape: BenchShape = SHAPES["qwen3-1024"]
@@ -586,7 +590,7 @@ class BenchOptions:
     rounds: int = 3
     threads: int = 2
     work: Path = Path(os.environ.get("QINYU_EDGE_CACHE", Path.home() / ".cache" / "qinyu-edge")) / "bench_decode"
-    contenders: tuple[str, ...] = ("genai", "genai-graph", "ours", "ours-split", "ours-portable", "torch",
+    contenders: tuple[str, ...] = ("genai", "genai-graph", "matmul", "ours", "ours-split", "ours-portable", "torch",
                                    "transformers")
     spin_us: int = 0  # for an extra "ours (spin N us)" contender: intra-op workers spin between sections
 
@@ -596,7 +600,6 @@ class BenchResult:
     options: BenchOptions
     weight_bytes: int
     bandwidth_gbs: float
-    matmul_gbs: float  # what ONNX Runtime's MatMul alone reads (`matmul_bandwidth`)
     ms: dict[str, dict[int, float]] = field(default_factory=dict)  # contender -> past -> p50 ms/step
     host_ms: dict[str, dict[int, float]] = field(default_factory=dict)  # ours (each config) -> past -> p50
     parity: dict[str, float] = field(default_factory=dict)
@@ -605,15 +608,10 @@ class BenchResult:
     def floor_ms(self) -> float:
         return self.weight_bytes / (self.bandwidth_gbs * 1e9) * 1e3
 
-    @property
-    def matmul_ms(self) -> float:
-        """A step's weights at the rate ONNX Runtime's MatMul alone reads them."""
-        return self.weight_bytes / (self.matmul_gbs * 1e9) * 1e3
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["options"] = {**dataclasses.asdict(self.options), "work": str(self.options.work)}
-        d["floor_ms"], d["matmul_ms"] = self.floor_ms, self.matmul_ms
+        d["floor_ms"] = self.floor_ms
         return d
 
 
@@ -659,8 +657,7 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> BenchRes
     ckpt = make_checkpoint(shape, work / "checkpoint", max_positions=max(8192, max_past + options.steps + 64))
     mods = load_ours(shape, ckpt)
     paths = export_ours(mods, work / f"ours-{_graph_fingerprint()}")
-    result = BenchResult(options, shape.weight_bytes(), copy_bandwidth(options.threads),
-                         matmul_bandwidth(options.threads))
+    result = BenchResult(options, shape.weight_bytes(), copy_bandwidth(options.threads))
     result.parity = step_parity(mods, paths)
     runners: list[Runner] = []
     for c in options.contenders:
@@ -678,6 +675,8 @@ def run_bench(options: BenchOptions, console: Console | None = None) -> BenchRes
                 spinning = OursRunner(paths, mods, options.steps, options.threads, options.spin_us)
                 spinning.name = f"ours (spin {options.spin_us} us)"
                 runners.append(spinning)
+        elif c == "matmul":
+            runners.append(MatmulRunner(shape.weight_bytes(), options.threads))
         elif c == "ours-split":
             runners.append(OursRunner(paths, mods, options.steps, options.threads, graphs="split"))
         elif c == "ours-portable":
@@ -741,17 +740,16 @@ def render(result: BenchResult) -> Table:
         table.add_row(str(p), *(f"{ms[c][p]:.2f}" for c in cols), *(f(p) for _, f in extra))
     lo, hi = min(o.pasts), max(o.pasts)
     growth = "  ".join(f"{c} {ms[c][hi] / ms[c][lo]:.2f}x" for c in cols)
-    table.caption = (
-        f"growth {hi}/{lo}: {growth}\n"
-        f"weights read per step {result.weight_bytes / 1e6:.1f} MB, copy bandwidth {result.bandwidth_gbs:.1f} GB/s "
-        f"(read+write), floor {result.floor_ms:.2f} ms\n"
-        f"ONNX Runtime's MatMul alone reads {result.matmul_gbs:.1f} GB/s (one weight of {MATMUL_MB} MB, same threads): "
-        f"{result.matmul_ms:.2f} ms per step at that rate; step fraction of it: "
-        + "  ".join(f"{c} " + "/".join(f"{result.matmul_ms / ms[c][p]:.2f}" for p in o.pasts)
-                    for c in cols if c == genai or c == "ours") + "\n"
-        f"ours vs torch, same weights: hidden rel {result.parity['hidden_rel']:.1e}, logits rel "
-        f"{result.parity['logits_rel']:.1e}, greedy tokens {'equal' if result.parity['same_tokens'] else 'DIFFER'}"
-    )
+    lines = [f"growth {hi}/{lo}: {growth}",
+             f"weights read per step {result.weight_bytes / 1e6:.1f} MB, copy bandwidth {result.bandwidth_gbs:.1f} GB/s "
+             f"(read+write), floor {result.floor_ms:.2f} ms"]
+    alone = MatmulRunner.name
+    if alone in ms:
+        fractions = "  ".join(f"{c} " + "/".join(f"{ms[alone][p] / ms[c][p]:.2f}" for p in o.pasts) for c in cols if c != alone)
+        lines.append(f"{alone}: one MatMul over the same bytes, timed in the same rounds; its time over each step's: {fractions}")
+    lines.append(f"ours vs torch, same weights: hidden rel {result.parity['hidden_rel']:.1e}, logits rel "
+                 f"{result.parity['logits_rel']:.1e}, greedy tokens {'equal' if result.parity['same_tokens'] else 'DIFFER'}")
+    table.caption = "\n".join(lines)
     return table
 
 
