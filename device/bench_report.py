@@ -371,6 +371,7 @@ class CompareRow:
     ratio: float | None  # b / a
     better: str | None
     regression: bool
+    alike: bool = True  # both files describe the figure the same way (else not flagged: it measures another thing)
 
 
 def load_doc(path: Path) -> dict[str, Any]:
@@ -385,7 +386,9 @@ def load_doc(path: Path) -> dict[str, Any]:
 
 def compare(a: dict[str, Any], b: dict[str, Any], threshold: float = 0.1) -> list[CompareRow]:
     """One row per figure in either file. A regression: a lower-is-better figure grew by more than
-    `threshold` (b/a > 1 + threshold), or a higher-is-better one shrank by as much (a/b > 1 + threshold)."""
+    `threshold` (b/a > 1 + threshold), or a higher-is-better one shrank by as much (a/b > 1 + threshold).
+    A figure whose label differs between the files (`backbone_step` times the backbone and the heads
+    through a fused decode graph, the backbone alone with `--split`) is shown, never flagged."""
     fa, fb = a["figures"], b["figures"]
     rows = []
     for fid in list(fa) + [k for k in fb if k not in fa]:
@@ -396,12 +399,13 @@ def compare(a: dict[str, Any], b: dict[str, Any], threshold: float = 0.1) -> lis
         better = ref.get("better")
         ratio = vb / va if va and vb is not None else None
         regression = False
-        if ratio is not None and vb:
+        alike = x is None or y is None or x.get("label") == y.get("label")
+        if ratio is not None and vb and alike:
             if better == "lower":
                 regression = ratio > 1 + threshold
             elif better == "higher":
                 regression = 1 / ratio > 1 + threshold
-        rows.append(CompareRow(fid, ref.get("unit", ""), va, vb, ratio, better, regression))
+        rows.append(CompareRow(fid, ref.get("unit", ""), va, vb, ratio, better, regression, alike))
     return rows
 
 
@@ -412,7 +416,8 @@ def print_compare(rows: list[CompareRow], a_name: str, b_name: str, threshold: f
     for col in ("figure", "unit", "A", "B", "B / A", "better", ""):
         t.add_column(col, justify="right" if col in ("A", "B", "B / A") else "left")
     for r in rows:
-        flag = "[red]REGRESSION[/red]" if r.regression else ("only in one" if r.ratio is None else "")
+        flag = ("[red]REGRESSION[/red]" if r.regression else "only in one" if r.ratio is None
+                else "" if r.alike else "labels differ: not the same measure")
         t.add_row(r.id, "MiB" if r.unit == "bytes" else r.unit, _fmt(r.a, r.unit), _fmt(r.b, r.unit),
                   "n/a" if r.ratio is None else f"{r.ratio:.3f}", r.better or "-", flag)
     console.print(t)

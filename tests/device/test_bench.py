@@ -12,6 +12,7 @@ import sys
 
 import pytest
 from qinyu_edge.device.bench import SECTIONS
+from qinyu_edge.device.bench_report import compare
 from qinyu_edge.export.bundle_export import preset_bundle
 
 from qinyu_edge.cli import main
@@ -146,6 +147,10 @@ def test_split_times_the_three_sessions_a_step_used_to_take(run, bundle, tmp_pat
         assert math.isfinite(doc["figures"][name]["value"]) and doc["figures"][name]["value"] > 0
     assert "(fused)" in fused["figures"]["backbone_step/ctx=16"]["label"]
     assert "(fused)" not in doc["figures"]["backbone_step/ctx=16"]["label"]
+    # the fused backbone_step also runs the heads: compare shows it but never calls it a regression
+    rows = {r.id: r for r in compare(doc, fused, threshold=0.0)}
+    assert not rows["backbone_step/ctx=16"].alike and not rows["backbone_step/ctx=16"].regression
+    assert rows["decode_step/ctx=200"].alike
 
 
 def test_against_torch_ratios_are_finite(run):
