@@ -27,6 +27,7 @@ from typing import Any, Iterable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from qinyu_edge.bundle import load_bundle, weight_files, weights_sha256
 from qinyu_edge.bundle_paths import inside
 from qinyu_edge.engine_manifest import (
     EngineError, EngineManifest, EngineSet, check_engine, format_version, open_plan, parse_trt_version,
@@ -226,10 +227,10 @@ def build_engine(plan: BuildPlan, engine_dir: str | os.PathLike, rebuild: str,
             progress.start()
         for i, (bundle, onnx_file, onnx_sha, data_sha, precision, _) in enumerate(attempts):
             onnx_path = bundle / onnx_file
-            for path, sha in ((onnx_path, onnx_sha), (onnx_path.with_name(onnx_path.name + ".data"), data_sha)):
-                if sha is not None and (not path.is_file() or sha256_file(path) != sha):
-                    raise BuildError(f"{path} is missing or changed since the plan was made; make the plan again "
-                                     f"(`{rebuild}`)")
+            graph_changed = onnx_sha is not None and (not onnx_path.is_file() or sha256_file(onnx_path) != onnx_sha)
+            if graph_changed or (data_sha is not None and current_weights_sha256(bundle, onnx_file) != data_sha):
+                raise BuildError(f"{onnx_path} or its weights are missing or changed since the plan was made; make "
+                                 f"the plan again (`{rebuild}`)")
             try:
                 serialized = _serialize(trt, onnx_path, plan, cache, progress)
                 break
@@ -259,6 +260,15 @@ def build_engine(plan: BuildPlan, engine_dir: str | os.PathLike, rebuild: str,
     finally:
         if own_progress:
             progress.stop()
+
+
+def current_weights_sha256(bundle: Path, onnx_file: str) -> str | None:
+    """The digest of the graph's side files as they are on disk (the plan recorded the manifest's)."""
+    files = weight_files(load_bundle(bundle, verify=False), onnx_file)
+    try:
+        return weights_sha256([(f, sha256_file(inside(bundle, f, "a weights file"))) for f in files])
+    except OSError:
+        return None
 
 
 # --- staleness and whole sets ---------------------------------------------------------------

@@ -362,7 +362,7 @@ def _plan_bytes(path: Path) -> mmap.mmap | bytes | None:
 
 
 def _engine_checks(env: Environment, r: DoctorReport, root: Path, bundle: Any) -> None:
-    from qinyu_edge.bundle import load_bundle
+    from qinyu_edge.bundle import bundle_weights_sha256, load_bundle
     from qinyu_edge.engine_manifest import EngineError, EngineSet, check_engine
 
     sets = _engine_sets(root)
@@ -388,10 +388,12 @@ def _engine_checks(env: Environment, r: DoctorReport, root: Path, bundle: Any) -
                 log.debug("engine set bundle %s unreadable: %s", es.bundle, e)
         bad = 0
         for entry in es.engines.values():
-            onnx_sha = src.files[entry.onnx_file].sha256 if src is not None and entry.onnx_file in src.files else None
+            known = src is not None and entry.onnx_file in src.files
+            onnx_sha = src.files[entry.onnx_file].sha256 if known else None
+            weights_sha = bundle_weights_sha256(src, entry.onnx_file) if known else None
             plan = _plan_bytes(inside(set_dir, entry.plan_file, "a plan file"))
             try:
-                mismatch = check_engine(entry, env.trt_version, gpu_name, cc, onnx_sha, plan)
+                mismatch = check_engine(entry, env.trt_version, gpu_name, cc, onnx_sha, plan, weights_sha)
             finally:
                 if isinstance(plan, mmap.mmap):
                     plan.close()

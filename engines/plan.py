@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qinyu_edge.bundle import Bundle, ComponentSpec, load_bundle
+from qinyu_edge.bundle import Bundle, ComponentSpec, bundle_weights_sha256, load_bundle
 from qinyu_edge.config import PREFILL_CHUNK
 from qinyu_edge.device.targets import GiB, PRECISIONS, Target
 from qinyu_edge.engine_manifest import (
@@ -236,10 +236,6 @@ def source_bundle(bundle: Bundle) -> Bundle | None:
     return src if same else None
 
 
-def data_sha256(bundle: Bundle, onnx_file: str) -> str | None:
-    """sha256 of the graph's external weights file, when it has one."""
-    entry = bundle.files.get(f"{onnx_file}.data")
-    return None if entry is None else entry.sha256
 
 
 def _rejection(target: Target, precision: str, trt: tuple[int, ...]) -> KnownRejection | None:
@@ -286,7 +282,7 @@ def _choose_onnx(bundle: Bundle, others: list[Bundle], component: str, target: T
                                 component_precision(wider, component),
                                 f"{precision} Q/DQ builds are reported to fail on {target.name} "
                                 "(NVIDIA/TensorRT#4832; UNVERIFIED for this TensorRT version)",
-                                data_sha256(wider, f))
+                                bundle_weights_sha256(wider, f))
     return bundle, fallback, []
 
 
@@ -419,7 +415,7 @@ def make_build_plans(bundle: Bundle, target: Target, options: BuildOptions = Bui
             onnx_sha256=chosen.files[onnx].sha256, precision=component_precision(chosen, name),
             requested_precision=precision, target=target.id, target_name=target.name,
             compute_capability=target.sm, trt_version=trt_text, profiles=profiles_for(spec), settings=settings,
-            plan_file=f"{name}.plan", onnx_data_sha256=data_sha256(chosen, onnx), fallback=fallback, notes=tuple(version_notes + setting_notes + notes),
+            plan_file=f"{name}.plan", onnx_data_sha256=bundle_weights_sha256(chosen, onnx), fallback=fallback, notes=tuple(version_notes + setting_notes + notes),
         ))
     return plans
 
@@ -446,6 +442,6 @@ __all__ = [
     "PLAN_FILE", "SUPPORTED_TRT", "NETWORK_FLAGS", "BUILDER_FLAGS", "HARDWARE_LEVELS", "TRT_SINCE", "trt_has",
     "KnownRejection", "KNOWN_REJECTIONS", "SUSPECT_QDQ", "Fallback", "BuildPlan", "BuildOptions",
     "usual_trt_versions", "default_workspace", "default_optimization_level", "component_precision",
-    "bundle_precision", "source_bundle", "data_sha256", "profiles_for",
+    "bundle_precision", "source_bundle", "profiles_for",
     "resolve_trt_version", "make_build_plans", "default_engine_dir", "write_plans", "read_plans",
 ]

@@ -68,7 +68,7 @@ from qinyu_edge.bundle_paths import inside
 from qinyu_edge.device.targets import PRECISIONS
 from qinyu_edge.errors import QinyuError
 from qinyu_edge.fileio import replace_dir
-from qinyu_edge.side_file import EXTERNAL_DATA_BYTES, INLINE_MAX_BYTES, external_bytes, graph_files
+from qinyu_edge.side_file import EXTERNAL_DATA_BYTES, INLINE_MAX_BYTES, external_bytes, graph_files, with_data_files
 from qinyu_edge.staging import refuse_existing, staged_dir
 
 from .decode_graphs import DECODE, DERIVED, HEADS, derive as derive_decode
@@ -902,8 +902,9 @@ def quantize_bundle(bundle_dir: str | os.PathLike, out: str | os.PathLike, recip
         if captured_on:
             origin["quantization"]["calibration"]["captured_on"] = captured_on
         opsets = [r.stats.opset for r in results.values()]
-        bundle = dataclasses.replace(src, root=tmp, components=specs, files=file_entries(tmp, files), origin=origin,
-                                     opset=max([src.opset, *opsets]), ort_variants=variants,
+        bundle = dataclasses.replace(src, root=tmp, components=with_data_files(tmp, specs), files=file_entries(tmp, files),
+                                     origin=origin, opset=max([src.opset, *opsets]),
+                                     ort_variants=with_data_files(tmp, variants),
                                      host_embedding=host_embedding)
         write_manifest(bundle)
         replace_dir(tmp, out)

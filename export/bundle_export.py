@@ -40,6 +40,7 @@ from qinyu_edge.bundle import (
 from qinyu_edge.engines.decode_graphs import check_decode, derive as derive_decode
 from qinyu_edge.errors import QinyuError
 from qinyu_edge.fileio import replace_dir
+from qinyu_edge.side_file import with_data_files
 from qinyu_edge.staging import refuse_existing, staged_dir
 from qinyu_edge.validate import check_max_context
 
@@ -366,9 +367,9 @@ def export_bundle(model: QinYuModel, out: str | os.PathLike, force: bool = False
         files = [p.name for p in tmp.iterdir() if p.is_file() and not p.name.startswith(".")]
         bundle = Bundle(
             root=out, format_version=FORMAT_VERSION, qinyu_edge_version=qinyu_edge.__version__,
-            config=cfg, layout=model.layout, components=specs, files=file_entries(tmp, files),
+            config=cfg, layout=model.layout, components=with_data_files(tmp, specs), files=file_entries(tmp, files),
             origin={**model.origin, "preset": cfg.name if cfg.tiny else None, "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-            opset=OPSET, parity={k: v for k, v in parity_summary.items() if k != "rows"}, ort_variants=variants,
+            opset=OPSET, parity={k: v for k, v in parity_summary.items() if k != "rows"}, ort_variants=with_data_files(tmp, variants),
             host_embedding=host_embedding,
         )
         write_manifest(dataclasses.replace(bundle, root=tmp))

@@ -6,6 +6,7 @@ the sha256 of every file, so a tampered or half-copied bundle is refused before 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -55,6 +56,10 @@ class ComponentSpec:
     description: str = ""
     # ONNX Runtime graph optimizers that must stay off for this graph (a known ORT bug workaround).
     ort_disabled_optimizers: tuple[str, ...] = ()
+    # The side files its tensors live in: its own `<file>.data`, or other graphs' (the fused decode
+    # graph reads the backbone's and the heads'). Empty in bundles from before format 6's sharing:
+    # then its own `.data`, if the bundle lists one.
+    data_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,7 @@ def _component(d: dict[str, Any]) -> ComponentSpec:
         shape_ranges={k: tuple(v) for k, v in d.get("shape_ranges", {}).items()},
         description=d.get("description", ""),
         ort_disabled_optimizers=tuple(d.get("ort_disabled_optimizers", ())),
+        data_files=tuple(d.get("data_files", ())),
     )
 
 
@@ -141,7 +147,30 @@ def used_files(bundle: Bundle) -> list[str]:
         names.append(spec.file)
         if bundle.file(spec.file + ".data").exists():
             names.append(spec.file + ".data")
+        names += [f for f in spec.data_files if f not in names]
     return names
+
+
+def weight_files(bundle: Bundle, onnx_file: str) -> list[str]:
+    """The side files the graph `onnx_file` reads its tensors from."""
+    spec = next((c for c in [*bundle.components.values(), *bundle.ort_variants.values()] if c.file == onnx_file), None)
+    if spec is not None and spec.data_files:
+        return list(spec.data_files)
+    return [f"{onnx_file}.data"] if f"{onnx_file}.data" in bundle.files else []
+
+
+def weights_sha256(named: list[tuple[str, str]]) -> str | None:
+    """One digest for a graph's side files, given (name, sha256) of each: the file's own sha256 when
+    there is one file (what engine manifests recorded before graphs shared files), else the sha256
+    of the names and digests, so a change to any of them changes it."""
+    if len(named) <= 1:
+        return named[0][1] if named else None
+    return hashlib.sha256("".join(f"{n} {h}\n" for n, h in named).encode()).hexdigest()
+
+
+def bundle_weights_sha256(bundle: Bundle, onnx_file: str) -> str | None:
+    """`weights_sha256` of the graph's side files, from the digests the bundle's manifest lists."""
+    return weights_sha256([(f, bundle.files[f].sha256) for f in weight_files(bundle, onnx_file) if f in bundle.files])
 
 
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -158,6 +187,8 @@ def _check_names(bundle: Bundle) -> None:
                               "digits, `_`, `-`, `.`); the bundle is damaged or hostile. Export it again.")
     for spec in [*bundle.components.values(), *bundle.ort_variants.values()]:
         bundle.file(spec.file)
+        for name in spec.data_files:
+            bundle.file(name)
         if not spec.file.endswith(".onnx"):
             raise BundleError(f"{bundle.root / MANIFEST}: component {spec.name} is the file {spec.file!r}, "
                               "not an .onnx graph; the bundle is damaged. Export it again.")

@@ -216,7 +216,8 @@ class EngineManifest:
 @dataclass(frozen=True)
 class EngineMismatch:
     component: str
-    check: str  # plan_missing, plan_sha256, plan_header, plan_version, trt_version, compute_capability, gpu, onnx_sha256
+    check: str  # plan_missing, plan_sha256, plan_header, plan_version, trt_version, compute_capability, gpu, onnx_sha256,
+    # onnx_data_sha256
     reason: str
     command: str
 
@@ -238,9 +239,10 @@ def _mismatch(entry: EngineManifest, check: str, reason: str) -> EngineMismatch:
 
 
 def check_plan_file(entry: EngineManifest, plan_bytes: bytes | memoryview | None,
-                    onnx_sha: str | None = None) -> EngineMismatch | None:
+                    onnx_sha: str | None = None, weights_sha: str | None = None) -> EngineMismatch | None:
     """The plan file is the one the manifest describes (size, sha256, header version) and, when
-    `onnx_sha` is given, was built from that ONNX. Needs no TensorRT and no GPU."""
+    `onnx_sha` / `weights_sha` (`bundle_weights_sha256`) are given, was built from that ONNX and those
+    weights: a graph file says where its weights lie, not what they are. Needs no TensorRT and no GPU."""
     plan = entry.plan_file
     if plan_bytes is None:
         return _mismatch(entry, "plan_missing", f"the plan {plan} listed in the manifest does not exist")
@@ -264,6 +266,10 @@ def check_plan_file(entry: EngineManifest, plan_bytes: bytes | memoryview | None
         return _mismatch(entry, "onnx_sha256", f"the bundle's {entry.onnx_file} changed since the plan was built "
                                                f"(sha256 {onnx_sha[:16]}..., the plan was built from "
                                                f"{entry.onnx_sha256[:16]}...)")
+    if weights_sha is not None and entry.onnx_data_sha256 is not None and weights_sha != entry.onnx_data_sha256:
+        return _mismatch(entry, "onnx_data_sha256", f"the weights of the bundle's {entry.onnx_file} changed since the "
+                                                    f"plan was built (sha256 {weights_sha[:16]}..., the plan was built "
+                                                    f"from {entry.onnx_data_sha256[:16]}...)")
     return None
 
 
@@ -301,13 +307,14 @@ def check_machine(entry: EngineManifest, runtime_trt_version: str | None, gpu: s
 
 
 def check_engine(entry: EngineManifest, runtime_trt_version: str | None, gpu: str | None,
-                 cc: tuple[int, int] | None, onnx_sha: str | None, plan_bytes: bytes | memoryview | None
-                 ) -> EngineMismatch | None:
+                 cc: tuple[int, int] | None, onnx_sha: str | None, plan_bytes: bytes | memoryview | None,
+                 weights_sha: str | None = None) -> EngineMismatch | None:
     """None when the plan may be deserialized here, else the first thing that does not match:
     the plan file (`check_plan_file`), then this machine (`check_machine`). Arguments given as None
     are not checked (no TensorRT installed, GPU unknown, bundle not at hand); `plan_bytes` may be
     any buffer (bytes, memoryview, mmap) and None means the plan file does not exist."""
-    return check_plan_file(entry, plan_bytes, onnx_sha) or check_machine(entry, runtime_trt_version, gpu, cc)
+    return (check_plan_file(entry, plan_bytes, onnx_sha, weights_sha)
+            or check_machine(entry, runtime_trt_version, gpu, cc))
 
 
 @contextlib.contextmanager

@@ -7,14 +7,19 @@ ONNX Runtime can map tensors instead of copying them; tensors of a few bytes sta
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+
+if TYPE_CHECKING:
+    from .bundle import ComponentSpec
 
 ALIGN = 4096
 INLINE_MAX_BYTES = 1024
@@ -103,6 +108,12 @@ def graph_files(folder: Path, onnx_file: str) -> list[str]:
         if info is not None and info["location"] not in names:
             names.append(info["location"])
     return names
+
+
+def with_data_files(folder: Path, specs: dict[str, ComponentSpec]) -> dict[str, ComponentSpec]:
+    """`specs` with each graph's side files recorded (`ComponentSpec.data_files`), read from the graphs in
+    `folder`, so what a graph's weights are can be checked without parsing ONNX (engine manifests)."""
+    return {k: dataclasses.replace(v, data_files=tuple(graph_files(folder, v.file)[1:])) for k, v in specs.items()}
 
 
 def external_bytes(path: Path) -> int:

@@ -21,6 +21,7 @@ from qinyu_edge.bundle import (
     TOKENIZER_FILE,
     Bundle,
     ComponentSpec,
+    bundle_weights_sha256,
     check_runnable,
     load_bundle,
 )
@@ -157,7 +158,9 @@ class Engine:
         entry = None if self._engine_set is None else self._engine_set.engines.get(name)
         if entry is not None:
             # A plan built from a fallback bundle (another precision) cannot be matched to this bundle's file.
-            sha = self.bundle.files[spec.file].sha256 if entry.bundle == self._engine_set.bundle else None
+            own = entry.bundle == self._engine_set.bundle
+            sha = self.bundle.files[spec.file].sha256 if own else None
+            weights = bundle_weights_sha256(self.bundle, spec.file) if own else None
             scratch = None
             if name in SHARED_SCRATCH_COMPONENTS:
                 if self._scratch is None:
@@ -165,7 +168,8 @@ class Engine:
 
                     self._scratch = SharedScratch.on_device()
                 scratch = self._scratch
-            session = open_session(self._engine_set.plan_path(entry), "trt", onnx_sha256=sha, scratch=scratch)
+            session = open_session(self._engine_set.plan_path(entry), "trt", onnx_sha256=sha, scratch=scratch,
+                                   weights_sha256=weights)
         else:
             if self._engine_set is not None:
                 log.warning("%s: the engine set %s has no plan for it; it runs in ONNX Runtime", name,

@@ -198,11 +198,11 @@ class OrtSession:
 
 def open_session(path: str | os.PathLike, backend: str = "ort", provider: str = "cpu",
                  threads: int | None = None, disabled_optimizers: tuple[str, ...] = (), spin_us: int = 0,
-                 onnx_sha256: str | None = None, scratch: Any = None) -> Session:
+                 onnx_sha256: str | None = None, scratch: Any = None, weights_sha256: str | None = None) -> Session:
     if backend == "ort":
         return OrtSession(path, provider, threads, disabled_optimizers, spin_us)
     if backend == "trt":  # `path` is a .plan of an engine set; its manifest (and `onnx_sha256`) is checked first
         from .trt_session import TrtSession
 
-        return TrtSession(path, onnx_sha256, scratch=scratch)  # scratch: a trt_session.SharedScratch
+        return TrtSession(path, onnx_sha256, scratch=scratch, weights_sha256=weights_sha256)  # scratch: a SharedScratch
     raise BackendError(f"unknown backend {backend!r}: choose 'ort' (ONNX files) or 'trt' (plans from `qinyu-edge build`).")

@@ -256,7 +256,7 @@ class TrtSession:
     """One TensorRT plan of an engine set, run with host numpy arrays in and out."""
 
     def __init__(self, plan_path: str | os.PathLike, onnx_sha256: str | None = None, device: int = 0,
-                 scratch: SharedScratch | None = None):
+                 scratch: SharedScratch | None = None, weights_sha256: str | None = None):
         plan_path = Path(plan_path)
         self.name = plan_path.stem
         if plan_path.suffix == ".onnx":
@@ -266,7 +266,7 @@ class TrtSession:
         entry = eset.entry_for_plan(plan_path.name)
         with open_plan(plan_path) as data:
             # The file checks need neither TensorRT nor a GPU: a tampered plan is named as such anywhere.
-            problem = check_plan_file(entry, data, onnx_sha256)
+            problem = check_plan_file(entry, data, onnx_sha256, weights_sha256)
             if problem is not None:
                 raise EngineError(str(problem))
             trt = import_tensorrt()

@@ -167,6 +167,13 @@ def test_context_beyond_the_bundle_is_refused(source):
         Engine(source, EngineOptions(context=100000))
 
 
+def test_a_weights_file_outside_the_bundle_is_refused(copy):
+    """A graph's recorded side files are hashed for engine checks: none may name a file elsewhere."""
+    edit(copy, lambda d: d["components"]["campplus"].update(data_files=["../../../../etc/passwd"]))
+    with pytest.raises(BundleError, match="only relative names"):
+        load_bundle(copy)
+
+
 def test_component_names_are_plain(copy):
     """A component name becomes NAME.plan in an engine set and a calibration folder: `../x` would escape."""
     edit(copy, lambda d: d["components"].update({"../../escape": d["components"]["campplus"]}))

@@ -88,6 +88,17 @@ def test_a_plan_whose_header_disagrees_with_its_manifest_is_refused():
     assert check_engine(entry_for(junk), None, None, None, None, junk).check == "plan_header"
 
 
+def test_a_plan_built_from_other_weights_is_refused():
+    """The graph file only says where its weights lie: the same graph over new weights is stale."""
+    data = plan_blob()
+    entry = entry_for(data, onnx_data_sha256="11" * 32)
+    assert check_engine(entry, "10.3.0.26", "Orin", (8, 7), "ab" * 32, data, "11" * 32) is None
+    m = check_engine(entry, "10.3.0.26", "Orin", (8, 7), "ab" * 32, data, "22" * 32)
+    assert m is not None and m.check == "onnx_data_sha256" and "weights of the bundle's backbone.onnx changed" in m.reason
+    # a plan recorded before weights were recorded cannot be compared: the build's staleness check rebuilds it
+    assert check_engine(entry_for(data), "10.3.0.26", "Orin", (8, 7), "ab" * 32, data, "22" * 32) is None
+
+
 @pytest.mark.parametrize("runtime, gpu, cc, onnx, check, words", [
     ("10.16.1.11", "Orin", (8, 7), None, "trt_version", "exact TensorRT build"),
     ("10.3.0.30", "Orin", (8, 7), None, "trt_version", "10.3.0.30"),

@@ -10,7 +10,10 @@ import numpy as np
 import onnx
 import pytest
 
-from qinyu_edge.bundle import load_bundle
+from qinyu_edge.bundle import DECODE, load_bundle
+from qinyu_edge.device.targets import get_target
+from qinyu_edge.engines.builder import current_weights_sha256
+from qinyu_edge.engines.plan import make_build_plans
 from qinyu_edge.cli import main
 from qinyu_edge.export import onnx_io, weight_stream
 from qinyu_edge.export.bundle_export import export_bundle
@@ -49,6 +52,29 @@ def test_the_heads_matrices_are_stored_once(external_bundle):
     logits = open_session(b.path("heads_logits")).run({"hidden": hidden})["logits"]
     ids = open_session(b.path("heads_greedy")).run({"hidden": hidden, "history": np.full((1, 5), -1, np.int64)})["ids"]
     assert np.isfinite(logits).all() and ids.shape[-1] == 8
+
+
+def test_the_weights_digest_covers_every_file_a_graph_reads(external_bundle, tmp_path):
+    """The fused decode graph has no side file of its own: its engine must still notice new weights."""
+    b = load_bundle(external_bundle)
+    assert b.components["heads_logits"].data_files == ("heads_greedy.onnx.data",)
+    assert set(b.components[DECODE].data_files) == {"backbone.onnx.data", "heads_greedy.onnx.data"}
+    plans = {p.component: p for p in make_build_plans(b, get_target("orin-nano-8"))}
+    # a graph with its own file keeps that file's sha256 (engine sets built before stay current)
+    assert plans["backbone"].onnx_data_sha256 == b.files["backbone.onnx.data"].sha256
+    digest = plans[DECODE].onnx_data_sha256
+    assert digest not in (None, b.files["backbone.onnx.data"].sha256, b.files["heads_greedy.onnx.data"].sha256)
+    assert current_weights_sha256(external_bundle, "decode.onnx") == digest
+    copy = tmp_path / "b"
+    shutil.copytree(external_bundle, copy)
+    with open(copy / "heads_greedy.onnx.data", "r+b") as f:  # new weights, same graphs
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    assert current_weights_sha256(copy, "decode.onnx") != digest and current_weights_sha256(copy, "heads_logits.onnx") != \
+        plans["heads_logits"].onnx_data_sha256
+    assert current_weights_sha256(copy, "backbone.onnx") == plans["backbone"].onnx_data_sha256
 
 
 def test_sampling_runs_on_the_shared_heads(external_bundle):
