@@ -57,7 +57,7 @@ class ComponentSpec:
     # ONNX Runtime graph optimizers that must stay off for this graph (a known ORT bug workaround).
     ort_disabled_optimizers: tuple[str, ...] = ()
     # The side files its tensors live in: its own `<file>.data`, or other graphs' (the fused decode
-    # graph reads the backbone's and the heads'). Empty in bundles from before format 6's sharing:
+    # graph reads the backbone's and the heads'). Empty in bundles written before it was recorded:
     # then its own `.data`, if the bundle lists one.
     data_files: tuple[str, ...] = ()
 
