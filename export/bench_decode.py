@@ -11,9 +11,12 @@ exported from the same weights (keys = the checkpoint's without `model.`), as th
 traces them.
 
 One decode step, for each contender (all fp32 on the CPU, `--threads` intra-op threads):
-- ours: the runtime's step (`Generator.generate`): heads_greedy graph (lm_head and the greedy
-  choice), embedding graph, backbone graph for one position with the past bound in place from
-  the `KVCache` and the new position bound into its slot (IO binding, no cache copy).
+- ours: the runtime's step (`Generator.generate`): the next input row gathered on the host from the
+  mapped embedding table, then one call of the fused decode graph (the backbone's ONNX Runtime CPU
+  variant, the eight heads and the greedy choice) for one position over the head-major cache it
+  updates in place. ours-split: the embedding, backbone and greedy-heads sessions, three calls;
+  ours-portable: the same on the portable backbone graph.
+- matmul: one fp32 MatMul over a weight of the step's bytes (see below).
 - genai: `Generator.generate_next_token()`: its one graph (embedding, layers, lm_head) for one
   position over its shared past/present buffer, then greedy search on the host.
 - genai graph: genai's model.onnx run by our session (`GenaiGraphRunner`): the same graph under
@@ -32,9 +35,9 @@ one embedding row; the KV cache is not counted) over the copy bandwidth, measure
 several large numpy copies and counted as bytes read plus bytes written per second. Fraction of
 floor = floor / step time. A read stream does not reach that copy rate, so contender "matmul" times
 one fp32 MatMul over a weight of the step's bytes in the same rounds, and the caption gives its time
-over each step's: how close a step comes to doing nothing but read its weights on these kernels. Host overhead (ours) = step time minus the time
-inside the ONNX Runtime sessions (`CopyStats.busy_ms`): the loop itself and the host gather of the
-step's embedding row(s).
+over each step's: how close a step comes to doing nothing but read its weights on these kernels.
+Host overhead (ours) = step time minus the time inside the ONNX Runtime sessions
+(`CopyStats.busy_ms`): the loop itself and the host gather of the step's embedding row(s).
 """
 
 from __future__ import annotations
