@@ -236,8 +236,6 @@ def source_bundle(bundle: Bundle) -> Bundle | None:
     return src if same else None
 
 
-
-
 def _rejection(target: Target, precision: str, trt: tuple[int, ...]) -> KnownRejection | None:
     for r in KNOWN_REJECTIONS:
         if r.compute_capability == target.compute_capability and r.precision == precision and (

@@ -216,8 +216,9 @@ class EngineManifest:
 @dataclass(frozen=True)
 class EngineMismatch:
     component: str
-    check: str  # plan_missing, plan_sha256, plan_header, plan_version, trt_version, compute_capability, gpu, onnx_sha256,
-    # onnx_data_sha256
+    # plan_missing, plan_sha256, plan_header, plan_version, trt_version, compute_capability, gpu, onnx_sha256,
+    # onnx_data_sha256 (the graph's weights)
+    check: str
     reason: str
     command: str
 
